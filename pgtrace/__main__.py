@@ -1,0 +1,5 @@
+"""Allow `python -m pgtrace`."""
+
+from pgtrace.cli import main
+
+main()

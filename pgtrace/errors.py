@@ -1,0 +1,74 @@
+"""Errors pgtrace raises; the CLI turns each into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class PgtraceError(Exception):
+    """Base error: a message, an optional fix hint, an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def line(self) -> str:
+        """The one line the CLI prints."""
+        if self.hint:
+            return f"pgtrace: {self.message} ({self.hint})"
+        return f"pgtrace: {self.message}"
+
+
+class UsageError(PgtraceError):
+    """Bad arguments the parser could not catch."""
+
+    exit_code = 2
+
+
+class NotRootError(PgtraceError):
+    """Tracing needs root (or CAP_BPF + CAP_PERFMON)."""
+
+    exit_code = 77
+
+
+class TargetError(PgtraceError):
+    """The pid is absent, not PostgreSQL, or a kernel thread."""
+
+    exit_code = 3
+
+
+class NoProbesError(PgtraceError):
+    """The binary has no .note.stapsdt: built without --enable-dtrace."""
+
+    exit_code = 4
+
+
+class EnvironmentError_(PgtraceError):
+    """The machine lacks something tracing needs (headers, tracefs, bcc)."""
+
+    exit_code = 5
+
+
+class BccMissingError(EnvironmentError_):
+    """bcc's Python module cannot be imported."""
+
+
+class KernelHeadersError(EnvironmentError_):
+    """bcc cannot find kernel headers to compile against."""
+
+
+class TracefsError(EnvironmentError_):
+    """tracefs is not mounted."""
+
+
+class CaptureError(PgtraceError):
+    """A capture file is missing, corrupt or truncated."""
+
+    exit_code = 6
+
+
+class ServerError(PgtraceError):
+    """The PostgreSQL server refused, vanished or failed."""
+
+    exit_code = 7
