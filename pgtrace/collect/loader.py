@@ -1,0 +1,260 @@
+"""Compile probes/ with -D constants, attach every probe, and always detach.
+
+This module (with session.py) is the only one that imports bcc.  USDT sites
+are attached as uprobes through libbcc's ``bpf_attach_uprobe`` with their
+semaphore's ``ref_ctr_offset``, so the kernel keeps the semaphore set in every
+process mapping the binary while attached, and clears it on detach (bcc's
+Python wrapper does not pass that argument).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgtrace.collect.events import ARG_CONST, ARG_MEM, ARG_REG, PT_REGS, ArgKey, ArgSpecC
+from pgtrace.elf.symbols import symbol_offset
+from pgtrace.elf.usdt import ProbeSite, probes_by_name, read_probes
+from pgtrace.errors import (
+    BccMissingError,
+    EnvironmentError_,
+    KernelHeadersError,
+    NoProbesError,
+    NotRootError,
+)
+
+PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
+SOURCES = ("request.bpf.c", "sched.bpf.c", "waits.bpf.c")
+
+#: USDT probe -> BPF function, and the argument (0-based) the function reads.
+USDT_PROBES: dict[str, tuple[str, int | None]] = {
+    "lwlock__wait__start": ("on_lwlock_wait_start", 0),
+    "lwlock__wait__done": ("on_lwlock_wait_done", None),
+    "lock__wait__start": ("on_lock_wait_start", 4),
+    "lock__wait__done": ("on_lock_wait_done", None),
+    "smgr__md__read__start": ("on_read_start", None),
+    "smgr__md__read__done": ("on_read_done", None),
+    "smgr__md__write__start": ("on_write_start", None),
+    "smgr__md__write__done": ("on_write_done", None),
+}
+
+#: Exported functions -> (BPF function, is return probe).
+UPROBES: dict[str, tuple[str, bool]] = {
+    "ReadyForQuery": ("on_ready_for_query", True),
+    "pgstat_report_activity": ("on_report_activity", False),
+}
+
+REQUIRED_USDT = ("lwlock__wait__start", "lwlock__wait__done")
+
+BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1
+
+
+def import_bcc() -> Any:
+    """bcc's module, or a clear error naming the package."""
+    try:
+        import bcc
+    except ImportError as exc:
+        raise BccMissingError(
+            f"cannot import bcc ({exc})",
+            "apt-get install python3-bpfcc, and use a venv made with "
+            "/usr/bin/python3 -m venv --system-site-packages",
+        ) from exc
+    return bcc
+
+
+def check_root() -> None:
+    """Refuse early when BPF cannot be loaded."""
+    if os.geteuid() != 0:
+        raise NotRootError("tracing needs root (CAP_BPF and CAP_PERFMON)", "run it with sudo")
+
+
+def check_headers() -> None:
+    """bcc needs kernel headers for the running kernel."""
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not (build / "include").is_dir():
+        raise KernelHeadersError(
+            f"no kernel headers at {build}",
+            "apt-get install linux-headers-$(uname -r), or run scripts/setup.sh",
+        )
+
+
+def check_tracefs() -> None:
+    """Tracepoints need tracefs mounted."""
+    if not Path("/sys/kernel/tracing/events").is_dir() and not Path(
+        "/sys/kernel/debug/tracing/events"
+    ).is_dir():
+        raise EnvironmentError_(
+            "tracefs is not mounted", "mount -t tracefs nodev /sys/kernel/tracing"
+        )
+
+
+@dataclass(frozen=True)
+class ProgramConfig:
+    """The -D constants a program is compiled with."""
+
+    postmaster_pid: int = 0
+    query_len: int = 128
+    ringbuf_pages: int = 1024
+    state_running: int = 2
+    wal_write_is_sync: bool = False
+
+    def cflags(self) -> list[str]:
+        """Compiler flags for bcc."""
+        return [
+            f"-I{PROBES_DIR}",
+            f"-DPOSTMASTER_PID={self.postmaster_pid}",
+            f"-DQUERY_LEN={self.query_len}",
+            f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+            f"-DSTATE_RUNNING={self.state_running}",
+            f"-DWAL_WRITE_IS_SYNC={int(self.wal_write_is_sync)}",
+            "-Wno-macro-redefined",
+        ]
+
+
+def program_text() -> str:
+    """The BPF program: the shared header, then each family's file.
+
+    bcc rewrites map calls only in the main text, so the header is inlined
+    first; its include guard turns the files' own #include into a no-op.
+    """
+    parts = [(PROBES_DIR / "pgtrace.h").read_text()]
+    parts += [(PROBES_DIR / name).read_text() for name in SOURCES]
+    return "\n".join(parts)
+
+
+@dataclass
+class Attachment:
+    """Everything attached for one session; detach() undoes all of it."""
+
+    bpf: Any
+    perf_fds: list[int] = field(default_factory=list)
+    sites: list[ProbeSite] = field(default_factory=list)
+
+    def detach(self) -> None:
+        """Close every uprobe and tracepoint; safe to call twice."""
+        lib = _libbcc()
+        while self.perf_fds:
+            lib.bpf_close_perf_event_fd(self.perf_fds.pop())
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+_LIB: Any = None
+
+
+def _libbcc() -> Any:
+    """libbcc with the 7-argument bpf_attach_uprobe prototype."""
+    global _LIB
+    if _LIB is None:
+        lib = ct.CDLL("libbcc.so.0", use_errno=True)
+        lib.bpf_attach_uprobe.restype = ct.c_int
+        lib.bpf_attach_uprobe.argtypes = [
+            ct.c_int, ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_uint64, ct.c_int, ct.c_uint32,
+        ]
+        lib.bpf_close_perf_event_fd.restype = ct.c_int
+        lib.bpf_close_perf_event_fd.argtypes = [ct.c_int]
+        _LIB = lib
+    return _LIB
+
+
+def attach_uprobe(
+    att: Attachment, fn_fd: int, binary: str, offset: int, *, ret: bool = False, ref_ctr: int = 0
+) -> None:
+    """One uprobe (or uretprobe) on binary+offset for every process, with a semaphore."""
+    lib = _libbcc()
+    kind = BPF_PROBE_RETURN if ret else BPF_PROBE_ENTRY
+    name = f"pgtrace_{os.getpid()}_{offset:x}_{kind}".encode()
+    fd = lib.bpf_attach_uprobe(fn_fd, kind, name, binary.encode(), offset, -1, ref_ctr)
+    if fd < 0:
+        err = ct.get_errno()
+        raise EnvironmentError_(
+            f"cannot attach a uprobe at {binary}+{offset:#x}: {os.strerror(err)}",
+            "check `pgtrace doctor`",
+        )
+    att.perf_fds.append(fd)
+
+
+def text_bias(binary: str, pid: int, offset: int) -> int:
+    """Runtime address minus file offset for `offset` in `pid`'s mapping of `binary`."""
+    real = os.path.realpath(binary)
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) < 6 or os.path.realpath(parts[5]) != real:
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            pgoff = int(parts[2], 16)
+            if pgoff <= offset < pgoff + (hi - lo):
+                return lo - pgoff
+    raise NoProbesError(f"{binary} offset {offset:#x} is not mapped in pid {pid}")
+
+
+def arg_spec(site: ProbeSite, argno: int) -> ArgSpecC | None:
+    """The C argspec for one argument of a site, or None if unreadable."""
+    if argno >= len(site.args):
+        return None
+    a = site.args[argno]
+    spec = ArgSpecC(size=a.size, is_signed=int(a.signed))
+    if a.kind == "const":
+        spec.kind, spec.off = ARG_CONST, a.constant
+        return spec
+    if a.kind not in ("reg", "mem") or a.reg is None or a.reg not in PT_REGS:
+        return None
+    spec.kind = ARG_REG if a.kind == "reg" else ARG_MEM
+    spec.reg = PT_REGS.index(a.reg)
+    spec.off = a.offset
+    return spec
+
+
+def compile_program(config: ProgramConfig) -> Any:
+    """Compile and load the programs; tracepoints attach as bcc loads them."""
+    bcc = import_bcc()
+    check_root()
+    check_headers()
+    check_tracefs()
+    try:
+        return bcc.BPF(text=program_text(), cflags=config.cflags())
+    except Exception as exc:
+        raise EnvironmentError_(f"bcc could not load pgtrace's BPF programs: {exc}") from exc
+
+
+def attach_all(bpf: Any, binary: str, pid_for_maps: int) -> Attachment:
+    """Attach the uprobes and USDT sites; on any failure detach what was attached."""
+    bcc = import_bcc()
+    att = Attachment(bpf)
+    try:
+        for sym, (fn, ret) in UPROBES.items():
+            fd = bpf.load_func(fn, bcc.BPF.KPROBE).fd
+            attach_uprobe(att, fd, binary, symbol_offset(binary, sym), ret=ret)
+        by_name = probes_by_name(read_probes(binary))
+        missing = [p for p in REQUIRED_USDT if p not in by_name]
+        if missing:
+            raise NoProbesError(f"{binary} lacks USDT probes {', '.join(missing)}")
+        args = bpf["usdt_args"]
+        for probe, (fn, argno) in USDT_PROBES.items():
+            fd = bpf.load_func(fn, bcc.BPF.KPROBE).fd
+            for site in by_name.get(probe, []):
+                if argno is not None:
+                    # an unreadable spec stays out of the map: BPF counts it (badarg)
+                    spec = arg_spec(site, argno)
+                    if spec is not None:
+                        bias = text_bias(binary, pid_for_maps, site.file_offset)
+                        args[ArgKey(ip=bias + site.file_offset, argno=argno)] = spec
+                attach_uprobe(att, fd, binary, site.file_offset, ref_ctr=site.semaphore_offset)
+                att.sites.append(site)
+    except BaseException:
+        att.detach()
+        raise
+    return att
+
+
+def iter_sources() -> Iterator[tuple[str, str]]:
+    """(file name, text) of every probe source, for --ebpf."""
+    yield "pgtrace.h", (PROBES_DIR / "pgtrace.h").read_text()
+    for name in SOURCES:
+        yield name, (PROBES_DIR / name).read_text()

@@ -1,0 +1,139 @@
+"""A tracing session: load, seed the traced backends, poll the ring buffer, detach."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgtrace.collect.events import event_dtype
+from pgtrace.collect.loader import (
+    Attachment,
+    ProgramConfig,
+    attach_all,
+    compile_program,
+)
+from pgtrace.model import COUNTERS
+
+MODE_ONCPU, MODE_BLOCKED = 0, 2
+_WAL_NAME = re.compile(r"/pg_wal/[0-9A-F]{24}$")
+
+
+def wal_fd_of(pid: int) -> int:
+    """The fd of the WAL segment `pid` has open, or -1."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return -1
+    for name in names:
+        try:
+            if _WAL_NAME.search(os.readlink(f"/proc/{pid}/fd/{name}")):
+                return int(name)
+        except OSError:
+            continue
+    return -1
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class TraceSession:
+    """One attach: the BPF programs, their probes, and the records read so far."""
+
+    binary: str
+    postmaster_pid: int
+    pids: list[int]
+    follow_forks: bool = True
+    config: ProgramConfig = field(default_factory=ProgramConfig)
+    chunks: list[bytes] = field(default_factory=list)
+    _att: Attachment | None = None
+    _cb: Any = None
+
+    def start(self) -> None:
+        """Compile, seed the task map, attach probes, open the ring buffer."""
+        pm = self.postmaster_pid if self.follow_forks else 0
+        cfg = ProgramConfig(
+            postmaster_pid=pm,
+            query_len=self.config.query_len,
+            ringbuf_pages=self.config.ringbuf_pages,
+            state_running=self.config.state_running,
+            wal_write_is_sync=self.config.wal_write_is_sync,
+        )
+        bpf = compile_program(cfg)
+        self._att = Attachment(bpf)
+        try:
+            self.add_pids(self.pids)
+            self._att = attach_all(bpf, self.binary, self.postmaster_pid)
+            size = event_dtype(cfg.query_len).itemsize
+
+            def on_event(_ctx: Any, data: Any, _size: int) -> int:
+                self.chunks.append(ct.string_at(data, size))
+                return 0
+
+            self._cb = on_event
+            bpf["events"].open_ring_buffer(on_event)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Trace these (already running) backends from now on."""
+        assert self._att is not None
+        tasks = self._att.bpf["tasks"]
+        for pid in pids:
+            key = tasks.Key(pid)
+            if key in tasks:  # already seeded by the fork tracepoint
+                continue
+            leaf = tasks.Leaf()
+            leaf.wal_fd = wal_fd_of(pid)
+            leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
+            tasks[key] = leaf
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        """Read what the ring buffer holds (waits up to timeout_ms)."""
+        if self._att is not None and self._att.bpf is not None:
+            self._att.bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> bytes:
+        """The records read since the last drain, concatenated."""
+        out = b"".join(self.chunks)
+        self.chunks.clear()
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Kernel-side counters summed over CPUs."""
+        if self._att is None or self._att.bpf is None:
+            return {}
+        table = self._att.bpf["counters"]
+        out: dict[str, int] = {}
+        for i, name in enumerate(COUNTERS):
+            out[name] = int(sum(table[ct.c_int(i)]))
+        return out
+
+    def tracked_pids(self) -> list[int]:
+        """Pids currently in the task map."""
+        if self._att is None or self._att.bpf is None:
+            return []
+        return [int(k.value) for k in self._att.bpf["tasks"]]
+
+    def close(self) -> None:
+        """Detach everything; idempotent."""
+        if self._att is not None:
+            self._att.detach()
+            self._att = None
+
+    def __enter__(self) -> TraceSession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

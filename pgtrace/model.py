@@ -1,0 +1,68 @@
+"""The attribution model as data: bucket names, their order, lock types, counters.
+
+Every bucket name is defined here once; probes/pgtrace.h uses the same order
+(B_* indices) and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+#: Server buckets, in the order of req_event.buckets (B_* in pgtrace.h).
+SERVER_BUCKETS: tuple[str, ...] = (
+    "cpu",
+    "runqueue",
+    "fsync",
+    "wal_write",
+    "lwlock",
+    "lock",
+    "io_read",
+    "io_write",
+    "other_wait",
+)
+
+UNEXPLAINED = "unexplained"
+
+#: Buckets as reported, with the remainder last.
+REPORT_BUCKETS: tuple[str, ...] = (*SERVER_BUCKETS, UNEXPLAINED)
+
+#: LockTagType names as pg_locks spells them, by enum value (storage/lock.h).
+LOCK_TYPES: tuple[str, ...] = (
+    "relation",
+    "extend",
+    "frozenid",
+    "page",
+    "tuple",
+    "transactionid",
+    "virtualxid",
+    "spectoken",
+    "object",
+    "userlock",
+    "advisory",
+    "other",
+)
+
+#: Counters kept in the kernel (C_* in pgtrace.h).
+COUNTERS: tuple[str, ...] = (
+    "requests",
+    "lost",
+    "unmatched",
+    "overflow",
+    "aborted",
+    "forks",
+    "badarg",
+    "spare",
+)
+
+#: Per-request counts of events, as capture columns.
+COUNTS: tuple[str, ...] = (
+    "n_lwlock",
+    "n_lock",
+    "n_fsync",
+    "n_wal_write",
+    "n_read",
+    "n_write",
+    "n_vcsw",
+    "n_ivcsw",
+)
+
+LWLOCK_PREFIX = "lwlock:"
+LOCK_PREFIX = "lock:"

@@ -1,0 +1,353 @@
+/*
+ * pgtrace.h: event and per-task state shared by all pgtrace BPF programs.
+ *
+ * One translation unit: the loader concatenates the *.bpf.c files it needs and
+ * passes constants as -D flags (see pgtrace/collect/loader.py).  The Python
+ * mirror of every struct here is pgtrace/collect/events.py, checked by a test
+ * against what bcc compiled.
+ */
+#ifndef PGTRACE_H
+#define PGTRACE_H
+
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+/* ---- constants the loader must pass ------------------------------------ */
+#ifndef POSTMASTER_PID
+#define POSTMASTER_PID 0          /* 0: follow no forks (explicit backend pids) */
+#endif
+#ifndef QUERY_LEN
+#define QUERY_LEN 128             /* bytes of query text kept for fingerprinting */
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 1024
+#endif
+#ifndef STATE_RUNNING
+#define STATE_RUNNING 2           /* BackendState STATE_RUNNING (utils/backend_status.h) */
+#endif
+#ifndef WAL_WRITE_IS_SYNC
+#define WAL_WRITE_IS_SYNC 0       /* wal_sync_method open_datasync/open_sync */
+#endif
+#ifndef MAX_TASKS
+#define MAX_TASKS 16384
+#endif
+
+/* ---- buckets: indices into req_event.buckets (mirrored in pgtrace/model.py) */
+#define B_CPU 0
+#define B_RUNQUEUE 1
+#define B_FSYNC 2
+#define B_WAL_WRITE 3
+#define B_LWLOCK 4
+#define B_LOCK 5
+#define B_IO_READ 6
+#define B_IO_WRITE 7
+#define B_OTHER_WAIT 8
+#define NBUCKETS 9
+
+/* wait contexts; the innermost one names the bucket of blocked/on-CPU time */
+#define CTX_NONE 0
+#define CTX_FSYNC 1
+#define CTX_WAL_WRITE 2
+#define CTX_LWLOCK 3
+#define CTX_LOCK 4
+#define CTX_IO_READ 5
+#define CTX_IO_WRITE 6
+#define MAXDEPTH 4
+
+/* scheduler mode of a traced task */
+#define MODE_ONCPU 0
+#define MODE_RUNQ 1
+#define MODE_BLOCKED 2
+
+/* request state of a traced task */
+#define REQ_NONE 0   /* unknown: startup, or attached mid-request */
+#define REQ_IDLE 1   /* ReadyForQuery sent; the next bytes received start a request */
+#define REQ_BUSY 2
+
+/* counters: indices into the per-CPU `counters` array (mirrored in events.py) */
+#define C_REQUESTS 0
+#define C_LOST 1          /* ring buffer full: request record dropped */
+#define C_UNMATCHED 2     /* a wait "done" without its "start" */
+#define C_OVERFLOW 3      /* wait contexts nested deeper than MAXDEPTH */
+#define C_ABORTED 4       /* backend exited inside a request */
+#define C_FORKS 5
+#define C_BADARG 6        /* a USDT site whose argument spec was unknown */
+#define NCOUNTERS 8
+
+#define NLW 4             /* LWLock tranches kept per request; more go to lw_other_ns */
+#define NLOCKTYPES 12     /* LockTagType values (storage/lock.h), the last one = other */
+
+#define ARG_REG 1
+#define ARG_MEM 2
+#define ARG_CONST 3
+
+struct lw_slot {
+	u64 tranche;          /* address of the tranche name in the server's memory */
+	u64 ns;
+	u32 count;
+	u32 pad;
+};
+
+/* One record per request: what leaves the kernel. */
+struct req_event {
+	u64 t_start;          /* CLOCK_MONOTONIC ns: request bytes received */
+	u64 t_end;            /* ReadyForQuery sent */
+	u64 wakeup_ns;        /* run-queue wait of the wake-up that delivered the request */
+	u64 seq;              /* per-backend request number */
+	u32 pid;
+	u32 depth_at_end;     /* wait contexts still open at the end (0 expected) */
+	u64 buckets[NBUCKETS];
+	struct lw_slot lw[NLW];
+	u64 lw_other_ns;
+	u64 lock_ns[NLOCKTYPES];
+	u32 n_lwlock;
+	u32 n_lock;
+	u32 n_fsync;
+	u32 n_wal_write;
+	u32 n_read;
+	u32 n_write;
+	u32 n_vcsw;           /* voluntary context switches */
+	u32 n_ivcsw;          /* preemptions */
+	char query[QUERY_LEN];
+};
+
+struct ctx_entry {
+	u64 tranche;
+	u8 kind;
+	u8 locktype;
+	u8 syscall;           /* pushed by a syscall enter: its exit pops it */
+	u8 pad[5];
+};
+
+struct task_state {
+	u64 last_ts;          /* last time charged */
+	u64 wake_ts;          /* when the last wake-up made it runnable */
+	u64 wake_runq_ns;     /* run-queue wait of that wake-up, once it ran */
+	s32 wal_fd;           /* fd of the open WAL segment, -1 if none */
+	u8 mode;
+	u8 req;
+	u8 depth;
+	u8 overflow;
+	u8 opening_wal;
+	u8 pad[7];
+	struct ctx_entry stack[MAXDEPTH];
+	struct req_event acc;
+};
+
+struct argspec {
+	s64 off;              /* memory displacement or constant */
+	u8 kind;
+	u8 size;
+	u8 is_signed;
+	u8 reg;               /* index of the register in struct pt_regs, as u64 words */
+	u32 pad;
+};
+
+struct argkey {
+	u64 ip;               /* runtime address of the USDT site */
+	u32 argno;            /* 0-based */
+	u32 pad;
+};
+
+BPF_HASH(tasks, u32, struct task_state, MAX_TASKS);
+BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
+BPF_ARRAY(zero_state, struct task_state, 1);
+BPF_HASH(usdt_args, struct argkey, struct argspec, 1024);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* never written: lets the loader compare bcc's layout with events.py */
+BPF_ARRAY(layout_req_event, struct req_event, 1);
+
+static __always_inline void bump(u32 idx)
+{
+	u64 *c = counters.lookup(&idx);
+	if (c)
+		(*c)++;
+}
+
+/* Task state of the current thread, if it is traced. */
+static __always_inline struct task_state *current_state(void)
+{
+	u32 pid = bpf_get_current_pid_tgid();
+	return tasks.lookup(&pid);
+}
+
+/* The bucket the time since last_ts belongs to. */
+static __always_inline u32 bucket_of(struct task_state *st, u8 *kind)
+{
+	u8 depth = st->depth;
+	*kind = CTX_NONE;
+	if (st->mode == MODE_RUNQ)
+		return B_RUNQUEUE;
+	if (depth > 0 && depth <= MAXDEPTH)
+		*kind = st->stack[(depth - 1) & (MAXDEPTH - 1)].kind;
+	switch (*kind) {
+	case CTX_FSYNC: return B_FSYNC;
+	case CTX_WAL_WRITE: return B_WAL_WRITE;
+	case CTX_LWLOCK: return B_LWLOCK;
+	case CTX_LOCK: return B_LOCK;
+	case CTX_IO_READ: return B_IO_READ;
+	case CTX_IO_WRITE: return B_IO_WRITE;
+	}
+	return st->mode == MODE_ONCPU ? B_CPU : B_OTHER_WAIT;
+}
+
+static __always_inline void charge_lwlock(struct task_state *st, u64 tranche, u64 delta)
+{
+	int i;
+#pragma unroll
+	for (i = 0; i < NLW; i++) {
+		if (st->acc.lw[i].tranche == tranche) {
+			st->acc.lw[i].ns += delta;
+			return;
+		}
+		if (st->acc.lw[i].tranche == 0) {
+			st->acc.lw[i].tranche = tranche;
+			st->acc.lw[i].ns = delta;
+			return;
+		}
+	}
+	st->acc.lw_other_ns += delta;
+}
+
+/* Put the time since the last event into its bucket. */
+static __always_inline void charge(struct task_state *st, u64 now)
+{
+	u64 delta;
+	u8 kind;
+	u32 b;
+
+	if (st->req == REQ_NONE || now <= st->last_ts) {
+		st->last_ts = now > st->last_ts ? now : st->last_ts;
+		return;
+	}
+	delta = now - st->last_ts;
+	st->last_ts = now;
+	b = bucket_of(st, &kind);
+	if (b >= NBUCKETS)
+		return;
+	st->acc.buckets[b] += delta;
+	if (b == B_LWLOCK || b == B_LOCK) {
+		u8 d = (st->depth - 1) & (MAXDEPTH - 1);
+		if (b == B_LWLOCK) {
+			charge_lwlock(st, st->stack[d].tranche, delta);
+		} else {
+			u8 t = st->stack[d].locktype;
+			if (t >= NLOCKTYPES)
+				t = NLOCKTYPES - 1;
+			st->acc.lock_ns[t & 15] += delta;
+		}
+	}
+}
+
+static __always_inline void push_ctx(struct task_state *st, u8 kind, u64 tranche, u8 locktype,
+				     u8 syscall)
+{
+	u8 d = st->depth;
+	if (d >= MAXDEPTH) {
+		st->overflow++;
+		bump(C_OVERFLOW);
+		return;
+	}
+	st->stack[d & (MAXDEPTH - 1)].kind = kind;
+	st->stack[d & (MAXDEPTH - 1)].tranche = tranche;
+	st->stack[d & (MAXDEPTH - 1)].locktype = locktype;
+	st->stack[d & (MAXDEPTH - 1)].syscall = syscall;
+	st->depth = d + 1;
+}
+
+static __always_inline void pop_ctx(struct task_state *st, u8 kind)
+{
+	u8 d = st->depth;
+	if (st->overflow) {
+		st->overflow--;
+		return;
+	}
+	if (d == 0 || st->stack[(d - 1) & (MAXDEPTH - 1)].kind != kind) {
+		bump(C_UNMATCHED);
+		/* drop a stale context of this kind deeper down, keep the rest */
+		if (d > 0)
+			st->depth = d - 1;
+		return;
+	}
+	st->depth = d - 1;
+}
+
+/* Enter a wait context: charge what came before it, then push. */
+static __always_inline void enter_ctx(struct task_state *st, u8 kind, u64 tranche, u8 locktype)
+{
+	charge(st, bpf_ktime_get_ns());
+	push_ctx(st, kind, tranche, locktype, 0);
+}
+
+/* A syscall's context: its exit pops it only if its enter pushed it. */
+static __always_inline void enter_syscall_ctx(struct task_state *st, u8 kind)
+{
+	charge(st, bpf_ktime_get_ns());
+	push_ctx(st, kind, 0, 0, 1);
+}
+
+static __always_inline void leave_syscall_ctx(void)
+{
+	struct task_state *st = current_state();
+	u8 d;
+	if (!st || st->depth == 0 || st->overflow)
+		return;
+	d = (st->depth - 1) & (MAXDEPTH - 1);
+	if (!st->stack[d].syscall)
+		return;
+	charge(st, bpf_ktime_get_ns());
+	st->depth--;
+}
+
+static __always_inline void leave_ctx(struct task_state *st, u8 kind)
+{
+	charge(st, bpf_ktime_get_ns());
+	pop_ctx(st, kind);
+}
+
+/* Read one register of pt_regs by its index (struct pt_regs as u64 words). */
+#define NREGS (sizeof(struct pt_regs) / sizeof(u64))
+static __always_inline u64 reg_value(struct pt_regs *ctx, u8 reg)
+{
+	u64 regs[NREGS];
+	if (bpf_probe_read_kernel(regs, sizeof(regs), ctx) != 0 || reg >= NREGS)
+		return 0;
+	return regs[reg];
+}
+
+/* Argument argno of the USDT site being hit, as the notes describe it. */
+static __always_inline u64 usdt_arg(struct pt_regs *ctx, u32 argno)
+{
+	struct argkey key = {};
+	struct argspec *spec;
+	u64 v = 0;
+
+	key.ip = PT_REGS_IP(ctx);
+	key.argno = argno;
+	spec = usdt_args.lookup(&key);
+	if (!spec) {
+		bump(C_BADARG);
+		return 0;
+	}
+	if (spec->kind == ARG_CONST)
+		return spec->off;
+	v = reg_value(ctx, spec->reg);
+	if (spec->kind == ARG_MEM) {
+		u64 addr = v + spec->off;
+		v = 0;
+		switch (spec->size) {
+		case 1: { u8 x = 0; bpf_probe_read_user(&x, 1, (void *)addr); v = x; break; }
+		case 2: { u16 x = 0; bpf_probe_read_user(&x, 2, (void *)addr); v = x; break; }
+		case 4: { u32 x = 0; bpf_probe_read_user(&x, 4, (void *)addr); v = x; break; }
+		default: bpf_probe_read_user(&v, 8, (void *)addr); break;
+		}
+	}
+	switch (spec->size) {
+	case 1: v &= 0xff; break;
+	case 2: v &= 0xffff; break;
+	case 4: v &= 0xffffffff; break;
+	}
+	return v;
+}
+
+#endif /* PGTRACE_H */

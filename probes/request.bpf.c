@@ -1,0 +1,117 @@
+/*
+ * request.bpf.c: request boundaries for both protocols and the backends' lives.
+ *
+ * A request runs from the receipt of its first bytes (recvfrom returning data
+ * while the backend is idle after ReadyForQuery) to the return of the
+ * ReadyForQuery that answers it (its 'Z' message is flushed inside).  In
+ * pipeline mode the next request's bytes are already buffered: it starts when
+ * the previous ReadyForQuery returns.
+ */
+#include "pgtrace.h"
+
+static __always_inline void reset_request(struct task_state *st, u64 now)
+{
+	u32 zero = 0;
+	struct task_state *z = zero_state.lookup(&zero);
+	if (z)
+		bpf_probe_read_kernel(&st->acc, sizeof(st->acc), &z->acc);
+	st->acc.t_start = now;
+	st->last_ts = now;
+}
+
+static __always_inline void new_task(u32 pid, u64 now)
+{
+	u32 zero = 0;
+	struct task_state *z = zero_state.lookup(&zero);
+	if (!z)
+		return;
+	tasks.update(&pid, z);
+	struct task_state *st = tasks.lookup(&pid);
+	if (!st)
+		return;
+	st->wal_fd = -1;
+	st->mode = MODE_RUNQ;
+	st->last_ts = now;
+	st->wake_ts = now;
+}
+
+/* uretprobe on ReadyForQuery: the answer is flushed; emit the request. */
+int on_ready_for_query(struct pt_regs *ctx)
+{
+	struct task_state *st = current_state();
+	u64 now = bpf_ktime_get_ns();
+	if (!st)
+		return 0;
+	charge(st, now);
+	if (st->req != REQ_NONE) {
+		st->acc.t_end = now;
+		st->acc.pid = bpf_get_current_pid_tgid();
+		st->acc.depth_at_end = st->depth;
+		if (events.ringbuf_output(&st->acc, sizeof(st->acc), 0) == 0)
+			bump(C_REQUESTS);
+		else
+			bump(C_LOST);
+	}
+	st->acc.seq++;
+	{
+		u64 seq = st->acc.seq;
+		reset_request(st, now);
+		st->acc.seq = seq;
+	}
+	st->req = REQ_IDLE;
+	st->wake_runq_ns = 0;
+	return 0;
+}
+
+/* The first bytes read while idle start a request. */
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
+{
+	struct task_state *st;
+	u64 now, seq;
+	if (args->ret <= 0)
+		return 0;
+	st = current_state();
+	if (!st || st->req != REQ_IDLE)
+		return 0;
+	now = bpf_ktime_get_ns();
+	seq = st->acc.seq;
+	reset_request(st, now);
+	st->acc.seq = seq;
+	st->acc.wakeup_ns = st->wake_runq_ns;
+	st->req = REQ_BUSY;
+	return 0;
+}
+
+/* pgstat_report_activity(state, cmd_str): keep the first statement's text. */
+int on_report_activity(struct pt_regs *ctx)
+{
+	struct task_state *st = current_state();
+	if (!st || st->req == REQ_NONE || st->acc.query[0] != 0)
+		return 0;
+	if (PT_REGS_PARM1(ctx) != STATE_RUNNING || PT_REGS_PARM2(ctx) == 0)
+		return 0;
+	bpf_probe_read_user_str(st->acc.query, sizeof(st->acc.query), (void *)PT_REGS_PARM2(ctx));
+	return 0;
+}
+
+/* Children of the traced postmaster become traced tasks. */
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	if (POSTMASTER_PID == 0 || args->parent_pid != POSTMASTER_PID)
+		return 0;
+	new_task(args->child_pid, bpf_ktime_get_ns());
+	bump(C_FORKS);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u32 pid = bpf_get_current_pid_tgid();
+	struct task_state *st = tasks.lookup(&pid);
+	if (!st)
+		return 0;
+	if (st->req == REQ_BUSY)
+		bump(C_ABORTED);
+	tasks.delete(&pid);
+	return 0;
+}

@@ -1,0 +1,226 @@
+"""Shared fixtures and the root/BPF marker policy.
+
+- ``pg_cluster`` (session): a private throwaway cluster (pgtrace.cluster.start_cluster), or
+  the server named by ``$PGTRACE_TEST_DSN`` (used as is, never stopped).
+  ``--pg-bin DIR`` / ``$PGTRACE_TEST_PGBIN`` choose the server's bin dir.
+- ``dsn`` (session, str) and ``conn`` (function, autocommit psycopg connection).
+- Tests marked ``root`` are skipped when not root, tests marked ``bpf`` when bcc cannot be
+  imported. Under ``CI=true`` a skipped root/bpf test fails instead, and the session fails
+  when bpf tests were collected but none ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+import pytest
+
+from pgtrace.cluster import start_cluster
+
+GUARDED_MARKERS = ("root", "bpf")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pg-bin",
+        default=os.environ.get("PGTRACE_TEST_PGBIN") or None,
+        help="PostgreSQL bin dir for the test cluster (env PGTRACE_TEST_PGBIN; "
+        "default: newest /usr/lib/postgresql/*/bin)",
+    )
+
+
+# --- clusters -------------------------------------------------------------------------------
+
+
+class ClusterLike(Protocol):
+    bin_dir: str
+    data_dir: str
+    socket_dir: str
+    port: int
+    postmaster_pid: int
+
+    @property
+    def dsn(self) -> str: ...
+
+    def psql(self, sql: str) -> str: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class ExternalCluster:
+    """A server we were pointed at with $PGTRACE_TEST_DSN: same attributes, never stopped."""
+
+    bin_dir: str
+    data_dir: str
+    socket_dir: str
+    port: int
+    postmaster_pid: int
+    dsn: str
+
+    @classmethod
+    def attach(cls, dsn: str) -> ExternalCluster:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            row = c.execute(
+                "select current_setting('data_directory'), current_setting('port'),"
+                " current_setting('unix_socket_directories')"
+            ).fetchone()
+        assert row is not None
+        data_dir, port, sockets = str(row[0]), int(row[1]), str(row[2])
+        pid = 0
+        try:
+            with open(os.path.join(data_dir, "postmaster.pid"), encoding="utf-8") as f:
+                pid = int(f.readline().strip())
+        except (OSError, ValueError):
+            pass  # server on another host/container, or not readable by us
+        bin_dir = ""
+        if pid:
+            with contextlib.suppress(OSError):
+                bin_dir = os.path.dirname(os.readlink(f"/proc/{pid}/exe"))
+        socket_dir = sockets.split(",")[0].strip()
+        return cls(bin_dir, data_dir, socket_dir, port, pid, dsn)
+
+    def psql(self, sql: str) -> str:
+        with psycopg.connect(self.dsn, autocommit=True) as c, c.cursor() as cur:
+            cur.execute(sql.encode())
+            res = cur.pgresult
+            if res is None or res.ntuples == 0 or res.nfields == 0:
+                return ""
+            value = res.get_value(0, 0)
+            return "" if value is None else value.decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        """Never stop a server we did not start."""
+
+
+@pytest.fixture(scope="session")
+def pg_bin(pytestconfig: pytest.Config) -> str | None:
+    value: str | None = pytestconfig.getoption("--pg-bin")
+    return value
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(pg_bin: str | None) -> Iterator[ClusterLike]:
+    external = os.environ.get("PGTRACE_TEST_DSN")
+    if external:
+        yield ExternalCluster.attach(external)
+        return
+    cluster = start_cluster(bin_dir=pg_bin)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def dsn(pg_cluster: ClusterLike) -> str:
+    return pg_cluster.dsn
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    c = psycopg.connect(dsn, autocommit=True)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+# --- root / bpf policy ----------------------------------------------------------------------
+
+_bcc_error: list[str] = []  # cached: [] unknown, [""] importable, [msg] not importable
+
+
+def _bcc_problem() -> str:
+    if not _bcc_error:
+        try:
+            import bcc  # noqa: F401
+        except Exception as e:  # ImportError, or bcc failing to load libbcc
+            _bcc_error.append(f"bcc cannot be imported: {e}")
+        else:
+            _bcc_error.append("")
+    return _bcc_error[0]
+
+
+_stats_key = pytest.StashKey[dict[str, int]]()
+
+
+def _stats(config: pytest.Config) -> dict[str, int]:
+    if _stats_key not in config.stash:
+        config.stash[_stats_key] = {"collected_bpf": 0, "ran": 0, "ran_bpf": 0, "skipped": 0}
+    return config.stash[_stats_key]
+
+
+def _guarded(item: pytest.Item) -> list[str]:
+    return [m for m in GUARDED_MARKERS if item.get_closest_marker(m) is not None]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _stats(session.config)["collected_bpf"] = sum(
+        1 for item in session.items if item.get_closest_marker("bpf") is not None
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marks = _guarded(item)
+    if "root" in marks and os.geteuid() != 0:
+        pytest.skip("needs root (run: sudo bash scripts/test.sh)")
+    if "bpf" in marks:
+        problem = _bcc_problem()
+        if problem:
+            pytest.skip(f"{problem} (run: sudo bash scripts/setup.sh)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    rep: pytest.TestReport = outcome.get_result()
+    marks = _guarded(item)
+    if not marks:
+        return
+    stats = _stats(item.config)
+    if rep.skipped and not hasattr(rep, "wasxfail"):
+        stats["skipped"] += 1
+        if _in_ci():
+            reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            rep.outcome = "failed"
+            rep.longrepr = (
+                f"CI=true: a {'/'.join(marks)} test must run, but it was skipped: {reason}"
+            )
+    elif rep.when == "call":
+        stats["ran"] += 1
+        if "bpf" in marks:
+            stats["ran_bpf"] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stats = _stats(session.config)
+    if _in_ci() and stats["collected_bpf"] > 0 and stats["ran_bpf"] == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    stats = _stats(config)
+    line = f"pgtrace: {stats['ran']} root/BPF tests ran ({stats['ran_bpf']} BPF)"
+    if stats["skipped"]:
+        line += f", {stats['skipped']} skipped"
+    terminalreporter.write_line(line)
+    if _in_ci() and stats["collected_bpf"] > 0 and stats["ran_bpf"] == 0:
+        terminalreporter.write_line(
+            f"pgtrace: CI=true but none of the {stats['collected_bpf']} BPF tests ran: failing",
+            red=True,
+        )
