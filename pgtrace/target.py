@@ -1,0 +1,403 @@
+"""Find a PostgreSQL cluster from any of its pids: postmaster, data dir, backends.
+
+Everything comes from /proc and the data directory; no database connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pgtrace.errors import TargetError
+
+PROC = "/proc"
+POSTGRES_EXES = frozenset({"postgres", "postmaster"})
+PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
+ROOT_HINT = "run as root: sudo pgtrace ..."
+
+# Process-title prefixes of auxiliary processes and known background workers
+# (PostgreSQL 10..18), longest first where one is a prefix of another.
+AUX_KINDS: tuple[str, ...] = (
+    "autovacuum launcher",
+    "autovacuum worker",
+    "background writer",
+    "checkpointer",
+    "walwriter",
+    "walreceiver",
+    "walsummarizer",
+    "archiver",
+    "startup",
+    "logger",
+    "stats collector",
+    "logical replication launcher",
+    "logical replication apply worker",
+    "logical replication tablesync worker",
+    "logical replication parallel worker",
+    "logical replication worker",
+    "parallel worker",
+    "slotsync worker",
+    "io worker",
+)
+CLIENT = "client backend"
+WALSENDER = "walsender"
+BGWORKER = "background worker"
+UNKNOWN = "unknown"
+
+# The host part of a backend title: "[local]" or "host(port)".
+_HOST_RE = re.compile(r"(?:^|\s)(?:\[local\]|\S+\(\d+\))(?:\s|$)")
+_VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(\S*)")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One child of the postmaster and its kind, from the process title."""
+
+    pid: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running cluster: its postmaster, data directory, binary and children."""
+
+    postmaster_pid: int
+    data_dir: str
+    port: int | None
+    socket_dir: str | None
+    binary: str
+    version: str
+    major: int
+    backends: tuple[Backend, ...]
+
+    def client_backends(self) -> tuple[int, ...]:
+        """Pids of the client backends (sessions), in pid order."""
+        return tuple(b.pid for b in self.backends if b.kind == CLIENT)
+
+
+# ---------------------------------------------------------------- pure parsing
+
+
+def title_of(cmdline: bytes) -> str:
+    """The process title from raw /proc/PID/cmdline bytes (first NUL-ended field)."""
+    return cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+
+
+def backend_kind(title: str) -> str:
+    """The kind of a postmaster child from its process title.
+
+    Titles look like "postgres: [cluster_name: ]checkpointer" or
+    "postgres: [cluster_name: ]user db host(port) activity" for a client.
+    """
+    if not title.startswith("postgres: "):
+        return UNKNOWN  # freshly forked, title not set yet
+    rest = title[len("postgres: ") :].strip()
+    candidates = [rest]
+    if ": " in rest:  # cluster_name prefix
+        candidates.append(rest.split(": ", 1)[1])
+    for text in candidates:
+        if _starts_with_word(text, WALSENDER):
+            return WALSENDER
+    if _HOST_RE.search(rest):
+        return CLIENT
+    for text in candidates:
+        for kind in AUX_KINDS:
+            if _starts_with_word(text, kind):
+                return kind
+    return BGWORKER
+
+
+def _starts_with_word(text: str, word: str) -> bool:
+    return text == word or text.startswith(word + " ")
+
+
+def parse_stat(stat: str) -> tuple[str, str, int, int]:
+    """(comm, state, ppid, flags) from the text of /proc/PID/stat."""
+    left, _, right = stat.rpartition(")")
+    comm = left.split("(", 1)[1] if "(" in left else left
+    fields = right.split()
+    return comm, fields[0], int(fields[1]), int(fields[6])
+
+
+@dataclass(frozen=True)
+class PidFile:
+    """The lines of postmaster.pid that matter here."""
+
+    pid: int
+    data_dir: str
+    port: int | None
+    socket_dir: str | None
+
+
+def parse_pidfile(text: str) -> PidFile:
+    """Parse postmaster.pid: pid, data dir, start time, port, socket dir, ..."""
+    lines = text.split("\n")
+    if len(lines) < 2 or not lines[0].strip().lstrip("-").isdigit():
+        raise ValueError("not a postmaster.pid")
+    port_s = lines[3].strip() if len(lines) > 3 else ""
+    sock = lines[4].strip() if len(lines) > 4 else ""
+    return PidFile(
+        pid=abs(int(lines[0].strip())),  # negative: a standalone backend
+        data_dir=lines[1].strip(),
+        port=int(port_s) if port_s.isdigit() else None,
+        socket_dir=sock or None,
+    )
+
+
+def parse_version(output: str) -> tuple[str, int]:
+    """("15.18", 15) from `postgres --version` output."""
+    m = _VERSION_RE.search(output)
+    if not m:
+        raise ValueError(f"unrecognised version output: {output.strip()!r}")
+    return m.group(1) + m.group(2), int(m.group(1))
+
+
+# ---------------------------------------------------------------- /proc access
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    comm: str
+    ppid: int
+    exe: str | None  # None when unreadable (denied) or gone
+    denied: bool = False
+
+
+def _read_proc(pid: int) -> _Proc:
+    """Read one process; TargetError if it is absent, a kernel thread, or unreadable."""
+    if pid <= 0:
+        raise TargetError(f"no process {pid}")
+    try:
+        with open(f"{PROC}/{pid}/stat") as f:
+            comm, state, ppid, flags = parse_stat(f.read())
+    except FileNotFoundError:
+        raise TargetError(f"no process {pid}") from None
+    except ProcessLookupError:
+        raise TargetError(f"no process {pid}") from None
+    if flags & PF_KTHREAD:
+        raise TargetError(f"pid {pid} is a kernel thread ({comm}), not a PostgreSQL process")
+    if state in ("Z", "X"):
+        raise TargetError(f"pid {pid} ({comm}) has exited (zombie)")
+    try:
+        exe: str | None = os.readlink(f"{PROC}/{pid}/exe")
+    except PermissionError:
+        return _Proc(pid=pid, comm=comm, ppid=ppid, exe=None, denied=True)
+    except FileNotFoundError:
+        if not os.path.exists(f"{PROC}/{pid}"):
+            raise TargetError(f"no process {pid}") from None
+        exe = None
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TargetError(f"no process {pid}") from None
+        raise TargetError(f"cannot inspect pid {pid} ({comm}): {exc.strerror}") from None
+    return _Proc(pid=pid, comm=comm, ppid=ppid, exe=exe)
+
+
+def _is_postgres(proc: _Proc) -> bool:
+    if proc.exe is None:
+        return False
+    return os.path.basename(proc.exe.removesuffix(" (deleted)")) in POSTGRES_EXES
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"{PROC}/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _children(pid: int) -> list[int]:
+    """Child pids of a process: /proc/PID/task/*/children, or a /proc scan."""
+    try:
+        tids = os.listdir(f"{PROC}/{pid}/task")
+    except OSError:
+        return []
+    kids: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"{PROC}/{pid}/task/{tid}/children") as f:
+                kids.extend(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"{PROC}/{pid}/task/{tid}/children"):
+                return _children_by_scan(pid)  # no CONFIG_PROC_CHILDREN
+        except OSError:
+            continue
+    return sorted(set(kids))
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    kids = []
+    for name in os.listdir(PROC):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{PROC}/{name}/stat") as f:
+                if parse_stat(f.read())[2] == pid:
+                    kids.append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(kids)
+
+
+def _ns_pids(pid: int) -> list[int]:
+    """The pid in each nested pid namespace (NSpid line), outermost first."""
+    try:
+        with open(f"{PROC}/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except OSError:
+        pass
+    return [pid]
+
+
+# ---------------------------------------------------------------- public API
+
+
+def list_backends(postmaster_pid: int) -> tuple[Backend, ...]:
+    """The current children of a postmaster with their kinds (vanished ones skipped)."""
+    out = []
+    for kid in _children(postmaster_pid):
+        raw = _cmdline(kid)
+        if not raw:
+            continue  # exited meanwhile
+        out.append(Backend(pid=kid, kind=backend_kind(title_of(raw))))
+    return tuple(out)
+
+
+def find_postmaster(pid: int) -> int:
+    """The postmaster pid of the cluster that `pid` belongs to (pid itself if it is one)."""
+    proc = _read_proc(pid)
+    if proc.denied:
+        if proc.comm not in POSTGRES_EXES:
+            raise TargetError(f"pid {pid} is {proc.comm}, not a PostgreSQL server process")
+        raise TargetError(f"cannot inspect pid {pid} ({proc.comm}): permission denied", ROOT_HINT)
+    if proc.exe is None:
+        raise TargetError(f"pid {pid} ({proc.comm}) has no executable, not a PostgreSQL process")
+    if not _is_postgres(proc):
+        name = os.path.basename(proc.exe) or proc.comm
+        raise TargetError(f"pid {pid} is {name}, not a PostgreSQL server process")
+    while proc.ppid > 0:
+        try:
+            parent = _read_proc(proc.ppid)
+        except TargetError:
+            break
+        if parent.exe != proc.exe:
+            break
+        proc = parent
+    return proc.pid
+
+
+def find_target(pid: int) -> Target:
+    """Describe the cluster that `pid` (postmaster or any child) belongs to."""
+    pm = find_postmaster(pid)
+    proc = _read_proc(pm)
+    if proc.exe is None:
+        raise TargetError(f"cannot inspect postmaster {pm} ({proc.comm})", ROOT_HINT)
+    if proc.exe.endswith(" (deleted)"):
+        raise TargetError(
+            f"the binary of postmaster {pm} ({proc.exe}) was replaced on disk since it started",
+            "restart the server so it runs the installed binary",
+        )
+    pidfile = _read_pidfile(pm)
+    if pidfile.pid not in (pm, _ns_pids(pm)[-1]):
+        raise TargetError(
+            f"pid {pm} is a postgres process but not a running postmaster: "
+            f"postmaster.pid in {pidfile.data_dir} names pid {pidfile.pid}"
+        )
+    binary = proc.exe
+    if not os.path.exists(binary) and os.path.exists(f"{PROC}/{pm}/root{binary}"):
+        binary = f"{PROC}/{pm}/root{binary}"  # another mount namespace (container)
+    version, major = _running_version(pm, binary)
+    data_major = _pg_version_file(pm)
+    if data_major is not None and data_major.partition(".")[0] != str(major):
+        raise TargetError(
+            f"binary {binary} is PostgreSQL {version} but the data directory "
+            f"{pidfile.data_dir} is for PostgreSQL {data_major}"
+        )
+    return Target(
+        postmaster_pid=pm,
+        data_dir=pidfile.data_dir,
+        port=pidfile.port,
+        socket_dir=pidfile.socket_dir,
+        binary=binary,
+        version=version,
+        major=major,
+        backends=list_backends(pm),
+    )
+
+
+def binary_version(path: str) -> tuple[str, int]:
+    """(version, major) of a postgres binary, from `<path> --version` (cached per file)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise TargetError(f"cannot read {path}: {exc.strerror}") from None
+    return _version_of(path, st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _version_of(path: str, dev: int, ino: int, mtime_ns: int) -> tuple[str, int]:
+    del dev, ino, mtime_ns  # cache key only
+    try:
+        res = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TargetError(f"cannot run {path} --version: {exc}") from None
+    try:
+        return parse_version(res.stdout)
+    except ValueError:
+        printed = (res.stdout.strip() or res.stderr.strip()).partition("\n")[0]
+        raise TargetError(
+            f"{path} --version printed {printed!r}, not a PostgreSQL version"
+        ) from None
+
+
+def _running_version(pm: int, binary: str) -> tuple[str, int]:
+    """Version of the binary the postmaster runs; via /proc/PM/exe if the path is not ours."""
+    if os.path.exists(binary):
+        return binary_version(binary)
+    return binary_version(f"{PROC}/{pm}/exe")
+
+
+def _read_pidfile(pm: int) -> PidFile:
+    """postmaster.pid from the postmaster's cwd (its data directory)."""
+    path = f"{PROC}/{pm}/cwd/postmaster.pid"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except PermissionError:
+        raise TargetError(
+            f"cannot read the data directory of postmaster {pm}: permission denied", ROOT_HINT
+        ) from None
+    except OSError:
+        cwd = _readlink_or(f"{PROC}/{pm}/cwd", "?")
+        raise TargetError(
+            f"pid {pm} is a postgres process but not a running postmaster "
+            f"(no postmaster.pid in its working directory {cwd})"
+        ) from None
+    try:
+        return parse_pidfile(text)
+    except ValueError:
+        raise TargetError(f"malformed postmaster.pid of postmaster {pm}") from None
+
+
+def _pg_version_file(pm: int) -> str | None:
+    try:
+        with open(f"{PROC}/{pm}/cwd/PG_VERSION") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _readlink_or(path: str, default: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return default
