@@ -85,6 +85,108 @@ def doctor(pid: int | None, binary: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+ATTACH_EPILOG = """\b
+Examples:
+  sudo pgtrace attach -p 1234                 # the postmaster: all client backends
+  sudo pgtrace attach -p 1234 5               # a line every 5 s, until Ctrl-C
+  sudo pgtrace attach -p 1234 1 10            # 10 lines, one per second
+  sudo pgtrace attach -p 4321 -p 4322 --duration 30 -o run.pgtrace
+  sudo pgtrace attach -p 1234 --duration 60 --summary-json summary.json
+  pgtrace report run.pgtrace                  # the same analysis, offline
+"""
+
+
+@cli.command(epilog=ATTACH_EPILOG)
+@click.option("-p", "--pid", "pids", type=int, multiple=True, required=True,
+              help="The postmaster (trace every client backend, present and future) "
+              "or a backend pid (repeatable).")
+@click.option("-d", "--duration", type=float, help="Stop after this many seconds.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the capture (one row per request, mode 0600) here.")
+@click.option("--summary-json", type=click.Path(dir_okay=False),
+              help="Write the summary as JSON here.")
+@click.option("--query-text", is_flag=True,
+              help="Keep query text in the capture (default: fingerprints only).")
+@click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
+@click.argument("interval", type=float, required=False)
+@click.argument("count", type=int, required=False)
+@_errors_to_exit
+def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
+           summary_json: str | None, query_text: bool, ebpf: bool,
+           interval: float | None, count: int | None) -> None:
+    """Trace a running cluster and split every request's server time into buckets.
+
+    Buckets: cpu, runqueue, fsync, wal_write, lwlock:<tranche>, lock:<type>,
+    io_read, io_write, other_wait, and the unexplained remainder; they sum to
+    each request's server time. Prints INTERVAL-second lines (COUNT of them)
+    if asked, and a report when it stops (Ctrl-C, SIGTERM, --duration).
+    """
+    if ebpf:
+        from pgtrace.collect.loader import ProgramConfig, iter_sources
+
+        click.echo("// cflags: " + " ".join(ProgramConfig().cflags()))
+        for name, text in iter_sources():
+            click.echo(f"// ---- {name}\n{text}")
+        return
+    from pgtrace.attach import AttachOptions, run_attach
+    from pgtrace.report.live import interval_printer
+    from pgtrace.report.text import render_text
+
+    opts = AttachOptions(pids=list(pids), duration=duration, interval=interval,
+                         count=count, query_text=query_text)
+    printer = interval_printer(sys.stdout) if interval else None
+    if interval is None:
+        click.echo("Tracing... hit Ctrl-C to end.", err=True)
+    result = run_attach(opts, on_interval=printer)
+    _write_outputs(result.frame, result.summary, result.header, output, summary_json)
+    render_text(result.frame, result.summary, sys.stdout)
+
+
+def _write_outputs(frame: Any, summary: dict[str, Any], header: dict[str, Any],
+                   output: str | None, summary_json: str | None) -> None:
+    """Write the capture and the summary JSON where asked."""
+    import json
+
+    if output:
+        from pgtrace.capture import write_capture
+
+        write_capture(output, frame, header)
+    if summary_json:
+        with open(summary_json, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+
+
+REPORT_EPILOG = """\b
+Examples:
+  pgtrace report run.pgtrace
+  pgtrace report run.pgtrace --format json > summary.json
+"""
+
+
+@cli.command(epilog=REPORT_EPILOG)
+@click.argument("capture", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@_errors_to_exit
+def report(capture: str, fmt: str) -> None:
+    """Re-run the analysis of a capture offline (no root, no server)."""
+    import json
+
+    from pgtrace.aggregate import summary
+    from pgtrace.capture import read_capture
+    from pgtrace.report.text import render_text
+
+    df, header = read_capture(capture)
+    summ = summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
+                   duration_s=header.get("duration_s", 0.0))
+    if fmt == "json":
+        json.dump(summ, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        render_text(df, summ, sys.stdout)
+
+
 def _resolve_binary(pid: int | None, binary: str | None) -> str:
     """The postgres binary named by --binary or used by --pid."""
     from pgtrace.errors import UsageError

@@ -1,0 +1,129 @@
+"""Pure pandas: summaries, percentiles and shares of a requests DataFrame. No I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX, REPORT_BUCKETS, SERVER_BUCKETS
+
+EMPTY_COLUMNS = ("pid", "t_start", "t_end", "server_ns", *REPORT_BUCKETS)
+
+
+def empty_frame() -> pd.DataFrame:
+    """A requests frame with no rows."""
+    return pd.DataFrame({c: pd.Series(dtype="int64") for c in EMPTY_COLUMNS})
+
+
+def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate request frames; wait columns absent in some are zero there."""
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return empty_frame()
+    df = pd.concat(frames, ignore_index=True, sort=False)
+    waits = [c for c in df.columns if c.startswith((LWLOCK_PREFIX, LOCK_PREFIX))]
+    if waits:
+        df[waits] = df[waits].fillna(0).astype("int64")
+    return df
+
+
+def _int(x: Any) -> int:
+    return round(float(x)) if pd.notna(x) else 0
+
+
+def stats(series: pd.Series) -> dict[str, int]:
+    """sum, mean, p50, p99, max of a nanosecond column."""
+    if series.empty:
+        return {"sum": 0, "mean": 0, "p50": 0, "p99": 0, "max": 0}
+    return {
+        "sum": int(series.sum()),
+        "mean": _int(series.mean()),
+        "p50": _int(series.quantile(0.5)),
+        "p99": _int(series.quantile(0.99)),
+        "max": int(series.max()),
+    }
+
+
+def wait_columns(df: pd.DataFrame, prefix: str) -> list[str]:
+    """Columns of one wait family (lwlock:*, lock:*), largest total first."""
+    cols = [c for c in df.columns if c.startswith(prefix)]
+    return sorted(cols, key=lambda c: -int(df[c].sum()))
+
+
+def summary(
+    df: pd.DataFrame, *, lost: int = 0, unmatched: int = 0, duration_s: float = 0.0
+) -> dict[str, Any]:
+    """The summary JSON shape: totals per bucket sum to server_ns.sum."""
+    per_backend: dict[str, dict[str, int]] = {}
+    if len(df):
+        grouped = df.groupby("pid")
+        agg = grouped[["cpu", "runqueue"]].sum()
+        agg["requests"] = grouped.size()
+        for pid, row in agg.to_dict("index").items():
+            per_backend[str(pid)] = {
+                "cpu_ns": int(row["cpu"]),
+                "runqueue_ns": int(row["runqueue"]),
+                "requests": int(row["requests"]),
+            }
+    return {
+        "requests": len(df),
+        "lost": int(lost),
+        "unmatched": int(unmatched),
+        "duration_s": round(float(duration_s), 3),
+        "server_ns": stats(df["server_ns"]),
+        "buckets_ns": {b: int(df[b].sum()) for b in REPORT_BUCKETS},
+        "lwlock_ns": {
+            c[len(LWLOCK_PREFIX):]: int(df[c].sum()) for c in wait_columns(df, LWLOCK_PREFIX)
+        },
+        "lock_ns": {c[len(LOCK_PREFIX):]: int(df[c].sum()) for c in wait_columns(df, LOCK_PREFIX)},
+        "per_backend": per_backend,
+    }
+
+
+def bucket_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per bucket: total, share of server time, mean, p50, p99 (ns)."""
+    total = int(df["server_ns"].sum()) if len(df) else 0
+    rows = []
+    for b in REPORT_BUCKETS:
+        col = df[b] if len(df) else pd.Series(dtype="int64")
+        s = stats(col)
+        rows.append(
+            {
+                "bucket": b,
+                "total_ns": s["sum"],
+                "share": (s["sum"] / total) if total else 0.0,
+                "mean_ns": s["mean"],
+                "p50_ns": s["p50"],
+                "p99_ns": s["p99"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def wait_table(df: pd.DataFrame, prefix: str, top: int = 8) -> pd.DataFrame:
+    """The top waits of one family: name, total, share of server time, requests that waited."""
+    total = int(df["server_ns"].sum()) if len(df) else 0
+    rows = [
+        {
+            "name": c[len(prefix):],
+            "total_ns": int(df[c].sum()),
+            "share": int(df[c].sum()) / total if total else 0.0,
+            "requests": int((df[c] > 0).sum()),
+        }
+        for c in wait_columns(df, prefix)[:top]
+    ]
+    return pd.DataFrame(rows, columns=["name", "total_ns", "share", "requests"])
+
+
+def interval_line(df: pd.DataFrame, seconds: float) -> dict[str, Any]:
+    """What one live line shows: rate, mean latency, the top buckets' shares."""
+    total = int(df["server_ns"].sum()) if len(df) else 0
+    shares = {b: (int(df[b].sum()) / total if total else 0.0) for b in SERVER_BUCKETS}
+    return {
+        "requests": len(df),
+        "rate": len(df) / seconds if seconds > 0 else 0.0,
+        "mean_ns": _int(df["server_ns"].mean()) if len(df) else 0,
+        "p99_ns": _int(df["server_ns"].quantile(0.99)) if len(df) else 0,
+        "shares": shares,
+    }

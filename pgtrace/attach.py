@@ -1,0 +1,178 @@
+"""Run a tracing session against a cluster: the loop behind `pgtrace attach`."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import pandas as pd
+
+from pgtrace import __version__
+from pgtrace.aggregate import concat, summary
+from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame
+from pgtrace.collect.loader import ProgramConfig, check_root
+from pgtrace.collect.session import TraceSession
+from pgtrace.errors import TargetError, UsageError
+from pgtrace.target import Target, find_target
+
+#: Records converted to a DataFrame once this many have been read.
+BATCH_RECORDS = 20_000
+
+
+@dataclass
+class AttachOptions:
+    """What to trace and for how long."""
+
+    pids: list[int]
+    duration: float | None = None
+    interval: float | None = None
+    count: int | None = None
+    query_text: bool = False
+    query_len: int = 128
+
+
+@dataclass
+class RunResult:
+    """Everything a finished attach produced."""
+
+    target: Target
+    frame: pd.DataFrame
+    summary: dict[str, Any]
+    header: dict[str, Any]
+    texts: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_targets(pids: list[int]) -> tuple[Target, list[int], bool]:
+    """The cluster, the pids to seed, and whether to follow the postmaster's forks."""
+    if not pids:
+        raise UsageError("give -p/--pid: the postmaster's pid, or backend pids")
+    targets = [find_target(p) for p in pids]
+    target = targets[0]
+    if any(t.postmaster_pid != target.postmaster_pid for t in targets):
+        raise UsageError("all --pid values must belong to one cluster")
+    if target.postmaster_pid in pids:
+        if len(pids) > 1:
+            raise UsageError("give the postmaster's pid alone, or backend pids only")
+        return target, [b.pid for b in target.backends], True
+    clients = set(target.client_backends())
+    for p in pids:
+        if p not in clients:
+            raise TargetError(f"pid {p} is not a client backend of {target.data_dir}")
+    return target, pids, False
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM: ends the loop so everything detaches."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.stopped = True
+
+
+@contextmanager
+def _signals(stop: _Stop) -> Iterator[None]:
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _header(target: Target, opts: AttachOptions, t0: float, counters: dict[str, int],
+            texts: dict[str, str]) -> dict[str, Any]:
+    return {
+        "tool": f"pgtrace {__version__}",
+        "cluster": {
+            "data_dir": target.data_dir,
+            "port": target.port,
+            "postmaster_pid": target.postmaster_pid,
+            "binary": target.binary,
+        },
+        "server_version": target.version,
+        "kernel": platform.release(),
+        "host": platform.node(),
+        "started_wall": t0,
+        "pids": opts.pids,
+        "counters": counters,
+        "query_texts": texts if opts.query_text else {},
+    }
+
+
+def run_attach(
+    opts: AttachOptions,
+    on_interval: Callable[[pd.DataFrame, float], None] | None = None,
+    on_ready: Callable[[TraceSession], None] | None = None,
+) -> RunResult:
+    """Trace until duration, count intervals, or a signal; detach always."""
+    check_root()
+    target, seed, follow = resolve_targets(opts.pids)
+    session = TraceSession(
+        binary=target.binary,
+        postmaster_pid=target.postmaster_pid,
+        pids=seed,
+        follow_forks=follow,
+        config=ProgramConfig(query_len=opts.query_len),
+    )
+    fps = Fingerprints()
+    tranches = TrancheNames(lambda: [target.postmaster_pid, *session.tracked_pids()])
+    frames: list[pd.DataFrame] = []
+    interval_frames: list[pd.DataFrame] = []
+    stop = _Stop()
+    wall0 = time.time()
+
+    def convert() -> None:
+        raw = session.drain()
+        if raw:
+            f = records_frame(raw, query_len=opts.query_len, tranches=tranches,
+                              fingerprints=fps, keep_text=opts.query_text)
+            frames.append(f)
+            interval_frames.append(f)
+
+    with _signals(stop):
+        session.start()
+        try:
+            t0 = time.monotonic()
+            next_tick = t0 + opts.interval if opts.interval else None
+            ticks = 0
+            if on_ready is not None:
+                on_ready(session)
+            while not stop.stopped:
+                now = time.monotonic()
+                if opts.duration is not None and now - t0 >= opts.duration:
+                    break
+                session.poll(100)
+                if len(session.chunks) >= BATCH_RECORDS:
+                    convert()
+                if next_tick is not None and time.monotonic() >= next_tick:
+                    convert()
+                    if on_interval is not None:
+                        on_interval(concat(interval_frames), opts.interval or 0.0)
+                    interval_frames.clear()
+                    ticks += 1
+                    next_tick += opts.interval or 0.0
+                    if opts.count is not None and ticks >= opts.count:
+                        break
+            elapsed = time.monotonic() - t0
+            session.poll(0)
+            convert()
+            counters = session.counters()
+        finally:
+            session.close()
+    df = concat(frames)
+    summ = summary(df, lost=counters.get("lost", 0), unmatched=counters.get("unmatched", 0),
+                   duration_s=elapsed)
+    header = _header(target, opts, wall0, counters, fps.texts)
+    header["duration_s"] = elapsed
+    header["lost"] = counters.get("lost", 0)
+    header["unmatched"] = counters.get("unmatched", 0)
+    return RunResult(target=target, frame=df, summary=summ, header=header, texts=fps.texts)
+

@@ -1,0 +1,122 @@
+"""Raw request records -> a pandas DataFrame, one row per request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from pgtrace.collect.events import event_dtype
+from pgtrace.fingerprint import fingerprint, normalize
+from pgtrace.model import (
+    COUNTS,
+    LOCK_PREFIX,
+    LOCK_TYPES,
+    LWLOCK_PREFIX,
+    SERVER_BUCKETS,
+    UNEXPLAINED,
+)
+
+
+class TrancheNames:
+    """Resolves the tranche-name pointers of lwlock waits by reading server memory."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self._pids = pids
+        self._cache: dict[int, str] = {0: "unknown"}
+
+    def __call__(self, addr: int) -> str:
+        name = self._cache.get(addr)
+        if name is None:
+            name = self._read(addr)
+            self._cache[addr] = name
+        return name
+
+    def _read(self, addr: int) -> str:
+        for pid in self._pids():
+            try:
+                with open(f"/proc/{pid}/mem", "rb") as mem:
+                    mem.seek(addr)
+                    raw = mem.read(64)
+            except (OSError, ValueError, OverflowError):
+                continue
+            text = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+            if text.isprintable() and text:
+                return text
+        return f"tranche@{addr:#x}"
+
+
+class Fingerprints:
+    """Caches fingerprints (and normalized texts) of raw query prefixes."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+        self._cache: dict[bytes, str] = {}
+
+    def __call__(self, raw: bytes) -> str:
+        fp = self._cache.get(raw)
+        if fp is None:
+            text = raw.decode("utf-8", "replace")
+            fp = fingerprint(text)
+            self.texts.setdefault(fp, normalize(text))
+            if len(self._cache) < 100_000:
+                self._cache[raw] = fp
+        return fp
+
+
+def records_frame(
+    raw: bytes,
+    *,
+    query_len: int,
+    tranches: Callable[[int], str],
+    fingerprints: Fingerprints,
+    keep_text: bool = False,
+) -> pd.DataFrame:
+    """One row per request record in `raw` (concatenated struct req_event)."""
+    a = np.frombuffer(raw, dtype=event_dtype(query_len))
+    cols: dict[str, object] = {
+        "pid": a["pid"].astype(np.int64),
+        "seq": a["seq"].astype(np.int64),
+        "t_start": a["t_start"].astype(np.int64),
+        "t_end": a["t_end"].astype(np.int64),
+    }
+    server = cols["t_end"] - cols["t_start"]  # type: ignore[operator]
+    cols["server_ns"] = server
+    cols["wakeup_ns"] = a["wakeup_ns"].astype(np.int64)
+    buckets = a["buckets"].astype(np.int64)
+    for i, name in enumerate(SERVER_BUCKETS):
+        cols[name] = buckets[:, i]
+    cols[UNEXPLAINED] = server - buckets.sum(axis=1)
+    cols.update(_lwlock_columns(a, tranches))
+    lock = a["lock_ns"].astype(np.int64)
+    for i, name in enumerate(LOCK_TYPES):
+        if lock[:, i].any():
+            cols[LOCK_PREFIX + name] = lock[:, i]
+    for name in COUNTS:
+        cols[name] = a[name].astype(np.int64)
+    cols["depth_at_end"] = a["depth_at_end"].astype(np.int64)
+    queries = np.ascontiguousarray(a["query"]).view(f"S{query_len}").ravel().tolist()
+    cols["fingerprint"] = [fingerprints(q) for q in queries]
+    if keep_text:
+        cols["query"] = [q.decode("utf-8", "replace") for q in queries]
+    return pd.DataFrame(cols)
+
+
+def _lwlock_columns(a: np.ndarray, tranches: Callable[[int], str]) -> dict[str, np.ndarray]:
+    """lwlock:<tranche> columns from the per-request slots."""
+    n = len(a)
+    out: dict[str, np.ndarray] = {}
+    lw = a["lw"]
+    for slot in range(lw.shape[1]):
+        addrs = lw["tranche"][:, slot]
+        ns = lw["ns"][:, slot].astype(np.int64)
+        for addr in np.unique(addrs[ns > 0]):
+            col = LWLOCK_PREFIX + tranches(int(addr))
+            vals = out.setdefault(col, np.zeros(n, dtype=np.int64))
+            mask = addrs == addr
+            vals[mask] += ns[mask]
+    other = a["lw_other_ns"].astype(np.int64)
+    if other.any():
+        out[LWLOCK_PREFIX + "other"] = out.get(LWLOCK_PREFIX + "other", 0) + other
+    return out

@@ -1,0 +1,65 @@
+"""Terminal tables of a run: buckets, top waits, rates, lost events (under 100 columns)."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from pgtrace.aggregate import bucket_table, wait_table
+from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX
+
+
+def fmt_ns(ns: float) -> str:
+    """Nanoseconds in a readable unit."""
+    if ns >= 10e9:
+        return f"{ns / 1e9:.1f} s"
+    if ns >= 10e6:
+        return f"{ns / 1e6:.0f} ms"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.1f} us"
+    return f"{ns:.0f} ns"
+
+
+def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> None:
+    """The end-of-run report."""
+    con = Console(file=stream, width=99, force_terminal=False, color_system=None)
+    dur = summary.get("duration_s") or 0.0
+    rate = summary["requests"] / dur if dur else 0.0
+    srv = summary["server_ns"]
+    con.print(
+        f"{summary['requests']} requests in {dur:.1f} s ({rate:.0f}/s); server time "
+        f"mean {fmt_ns(srv['mean'])}, p50 {fmt_ns(srv['p50'])}, p99 {fmt_ns(srv['p99'])}, "
+        f"max {fmt_ns(srv['max'])}"
+    )
+    con.print(
+        f"lost records: {summary['lost']}   unmatched waits: {summary['unmatched']}"
+    )
+    table = Table(title="Where the server time went", title_justify="left")
+    for col in ("bucket", "total", "share", "mean/req", "p50", "p99"):
+        table.add_column(col, justify="left" if col == "bucket" else "right")
+    for row in bucket_table(df).to_dict("records"):
+        table.add_row(
+            str(row["bucket"]),
+            fmt_ns(row["total_ns"]),
+            f"{row['share'] * 100:.1f}%",
+            fmt_ns(row["mean_ns"]),
+            fmt_ns(row["p50_ns"]),
+            fmt_ns(row["p99_ns"]),
+        )
+    con.print(table)
+    for prefix, title in ((LWLOCK_PREFIX, "LWLock tranches"), (LOCK_PREFIX, "Lock types")):
+        waits = wait_table(df, prefix)
+        if waits.empty:
+            continue
+        t = Table(title=title, title_justify="left")
+        for col in ("name", "total", "share", "requests"):
+            t.add_column(col, justify="left" if col == "name" else "right")
+        for w in waits.to_dict("records"):
+            t.add_row(str(w["name"]), fmt_ns(w["total_ns"]), f"{w['share'] * 100:.1f}%",
+                      str(w["requests"]))
+        con.print(t)
