@@ -47,8 +47,9 @@ def stats(series: pd.Series) -> dict[str, int]:
 
 def wait_columns(df: pd.DataFrame, prefix: str) -> list[str]:
     """Columns of one wait family (lwlock:*, lock:*), largest total first."""
-    cols = [c for c in df.columns if c.startswith(prefix)]
-    return sorted(cols, key=lambda c: -int(df[c].sum()))
+    cols = [str(c) for c in df.columns if str(c).startswith(prefix)]
+    totals = {c: int(df[c].to_numpy().sum()) for c in cols}
+    return sorted(cols, key=lambda c: -totals[c])
 
 
 def summary(
