@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import platform
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -111,6 +112,7 @@ def run_attach(
     opts: AttachOptions,
     on_interval: Callable[[pd.DataFrame, float], None] | None = None,
     on_ready: Callable[[TraceSession], None] | None = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Trace until duration, count intervals, or a signal; detach always."""
     check_root()
@@ -145,12 +147,12 @@ def run_attach(
             ticks = 0
             if on_ready is not None:
                 on_ready(session)
-            while not stop.stopped:
+            while not stop.stopped and not (stop_when is not None and stop_when()):
                 now = time.monotonic()
                 if opts.duration is not None and now - t0 >= opts.duration:
                     break
                 session.poll(100)
-                if len(session.chunks) >= BATCH_RECORDS:
+                if session.pending >= BATCH_RECORDS:
                     convert()
                 if next_tick is not None and time.monotonic() >= next_tick:
                     convert()
@@ -176,3 +178,38 @@ def run_attach(
     header["unmatched"] = counters.get("unmatched", 0)
     return RunResult(target=target, frame=df, summary=summ, header=header, texts=fps.texts)
 
+
+
+T = TypeVar("T")
+
+
+def trace_during(opts: AttachOptions, workload: Callable[[], T]) -> tuple[RunResult, T]:
+    """Run `workload` in a thread once the probes are attached; trace until it ends.
+
+    The trace stops when the workload returns (or at opts.duration). A
+    workload's exception is re-raised after the probes are detached.
+    """
+    ready = threading.Event()
+    done = threading.Event()
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            if ready.wait(120):
+                out.append(workload())
+        except BaseException as exc:
+            err.append(exc)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=body, daemon=True)
+    worker.start()
+    try:
+        result = run_attach(opts, on_ready=lambda _s: ready.set(), stop_when=done.is_set)
+    finally:
+        ready.set()
+        worker.join()
+    if err:
+        raise err[0]
+    return result, out[0]

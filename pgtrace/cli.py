@@ -135,9 +135,13 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
     opts = AttachOptions(pids=list(pids), duration=duration, interval=interval,
                          count=count, query_text=query_text)
     printer = interval_printer(sys.stdout) if interval else None
-    if interval is None:
-        click.echo("Tracing... hit Ctrl-C to end.", err=True)
-    result = run_attach(opts, on_interval=printer)
+
+    def ready(_session: Any) -> None:
+        # only once every probe is attached: before that, an error is the one line printed
+        if interval is None:
+            click.echo("Tracing... hit Ctrl-C to end.", err=True)
+
+    result = run_attach(opts, on_interval=printer, on_ready=ready)
     _write_outputs(result.frame, result.summary, result.header, output, summary_json)
     render_text(result.frame, result.summary, sys.stdout)
 

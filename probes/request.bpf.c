@@ -5,7 +5,8 @@
  * while the backend is idle after ReadyForQuery) to the return of the
  * ReadyForQuery that answers it (its 'Z' message is flushed inside).  In
  * pipeline mode the next request's bytes are already buffered: it starts when
- * the previous ReadyForQuery returns.
+ * the previous ReadyForQuery returns.  Records are written without wake-ups:
+ * pgtrace reads the ring buffer on a timer (pgtrace/collect/ringbuf.py).
  */
 #include "pgtrace.h"
 
@@ -47,7 +48,7 @@ int on_ready_for_query(struct pt_regs *ctx)
 		st->acc.t_end = now;
 		st->acc.pid = bpf_get_current_pid_tgid();
 		st->acc.depth_at_end = st->depth;
-		if (events.ringbuf_output(&st->acc, sizeof(st->acc), 0) == 0)
+		if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0)
 			bump(C_REQUESTS);
 		else
 			bump(C_LOST);

@@ -73,8 +73,12 @@ def check_root() -> None:
 
 
 def check_headers() -> None:
-    """bcc needs kernel headers for the running kernel."""
-    build = Path("/lib/modules") / os.uname().release / "build"
+    """bcc needs kernel headers for the running kernel.
+
+    ``$PGTRACE_MODULES_DIR`` replaces /lib/modules here (tests use it to check the error).
+    """
+    root = os.environ.get("PGTRACE_MODULES_DIR") or "/lib/modules"
+    build = Path(root) / os.uname().release / "build"
     if not (build / "include").is_dir():
         raise KernelHeadersError(
             f"no kernel headers at {build}",
@@ -98,7 +102,7 @@ class ProgramConfig:
 
     postmaster_pid: int = 0
     query_len: int = 128
-    ringbuf_pages: int = 1024
+    ringbuf_pages: int = 4096
     state_running: int = 2
     wal_write_is_sync: bool = False
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes as ct
+import mmap
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from pgtrace.collect.events import event_dtype
 from pgtrace.collect.loader import (
@@ -16,6 +17,7 @@ from pgtrace.collect.loader import (
     attach_all,
     compile_program,
 )
+from pgtrace.collect.ringbuf import RingReader
 from pgtrace.model import COUNTERS
 
 MODE_ONCPU, MODE_BLOCKED = 0, 2
@@ -56,7 +58,8 @@ class TraceSession:
     config: ProgramConfig = field(default_factory=ProgramConfig)
     chunks: list[bytes] = field(default_factory=list)
     _att: Attachment | None = None
-    _cb: Any = None
+    _ring: RingReader | None = None
+    _pending: int = 0
 
     def start(self) -> None:
         """Compile, seed the task map, attach probes, open the ring buffer."""
@@ -73,14 +76,11 @@ class TraceSession:
         try:
             self.add_pids(self.pids)
             self._att = attach_all(bpf, self.binary, self.postmaster_pid)
-            size = event_dtype(cfg.query_len).itemsize
-
-            def on_event(_ctx: Any, data: Any, _size: int) -> int:
-                self.chunks.append(ct.string_at(data, size))
-                return 0
-
-            self._cb = on_event
-            bpf["events"].open_ring_buffer(on_event)
+            self._ring = RingReader(
+                bpf["events"].map_fd,
+                cfg.ringbuf_pages * mmap.PAGESIZE,
+                event_dtype(cfg.query_len).itemsize,
+            )
         except BaseException:
             self.close()
             raise
@@ -99,14 +99,25 @@ class TraceSession:
             tasks[key] = leaf
 
     def poll(self, timeout_ms: int = 100) -> None:
-        """Read what the ring buffer holds (waits up to timeout_ms)."""
-        if self._att is not None and self._att.bpf is not None:
-            self._att.bpf.ring_buffer_poll(timeout_ms)
+        """Wait timeout_ms (records are not signalled), then read the ring buffer."""
+        if timeout_ms > 0:
+            time.sleep(timeout_ms / 1000)
+        if self._ring is not None:
+            chunk = self._ring.read()
+            if chunk:
+                self.chunks.append(chunk)
+                self._pending += len(chunk) // self._ring.record_size
+
+    @property
+    def pending(self) -> int:
+        """Records read and not yet drained."""
+        return self._pending
 
     def drain(self) -> bytes:
         """The records read since the last drain, concatenated."""
         out = b"".join(self.chunks)
         self.chunks.clear()
+        self._pending = 0
         return out
 
     def counters(self) -> dict[str, int]:
@@ -127,6 +138,9 @@ class TraceSession:
 
     def close(self) -> None:
         """Detach everything; idempotent."""
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._att is not None:
             self._att.detach()
             self._att = None

@@ -32,9 +32,9 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> No
     rate = summary["requests"] / dur if dur else 0.0
     srv = summary["server_ns"]
     con.print(
-        f"{summary['requests']} requests in {dur:.1f} s ({rate:.0f}/s); server time "
-        f"mean {fmt_ns(srv['mean'])}, p50 {fmt_ns(srv['p50'])}, p99 {fmt_ns(srv['p99'])}, "
-        f"max {fmt_ns(srv['max'])}"
+        f"{summary['requests']} requests in {dur:.1f} s ({rate:.0f}/s)\n"
+        f"server time: mean {fmt_ns(srv['mean'])}, p50 {fmt_ns(srv['p50'])}, "
+        f"p99 {fmt_ns(srv['p99'])}, max {fmt_ns(srv['max'])}"
     )
     con.print(
         f"lost records: {summary['lost']}   unmatched waits: {summary['unmatched']}"
