@@ -1,0 +1,273 @@
+"""Workloads and independent measurements for the engine accuracy tests.
+
+`traced()` runs a workload while `run_attach` traces the cluster: the trace runs in the
+test's main thread (its signal handlers need it), the workload in a helper thread that
+starts only once the probes are attached (`on_ready`); the trace ends when the workload
+does (`stop_when`). Everything else here is an
+independent source to compare the trace with: pgbench's own counts, /proc/<pid>/schedstat,
+CPU hogs, libpq's protocol trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import psycopg
+from psycopg import pq
+
+from pgtrace.attach import AttachOptions, RunResult, run_attach
+from pgtrace.collect.session import TraceSession
+
+T = TypeVar("T")
+
+PGBENCH_DEFAULT = "/usr/lib/postgresql/15/bin/pgbench"
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+class ClusterLike(Protocol):
+    bin_dir: str
+    socket_dir: str
+    port: int
+    postmaster_pid: int
+
+    @property
+    def dsn(self) -> str: ...
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `cond()` until it is true; fail with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+# --- tracing a workload ---------------------------------------------------------------------
+
+
+@dataclass
+class Traced(Generic[T]):
+    """The trace of one workload run, and what the workload returned."""
+
+    run: RunResult
+    value: T
+
+    def pid_frame(self, pid: int) -> Any:
+        """The requests of one backend, in order."""
+        df = self.run.frame
+        return df[df["pid"] == pid].sort_values("t_start").reset_index(drop=True)
+
+
+def traced(
+    postmaster_pid: int,
+    work: Callable[[TraceSession], T],
+    *,
+    limit: float = 120.0,
+    settle: float = 0.3,
+    query_text: bool = False,
+) -> Traced[T]:
+    """Trace the cluster while `work(session)` runs; stop `settle` seconds after it returns.
+
+    `work` starts once the probes are attached (on_ready) and may read the session's
+    kernel counters. `limit` is only the safety net (the attach's duration): the trace
+    normally ends when the workload does (run_attach's stop_when). The workload's
+    exception, if any, is re-raised here, after the probes are detached.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("run_attach installs signal handlers: call traced() from the main "
+                           "thread")
+    ready = threading.Event()
+    cancel = threading.Event()
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def on_ready(session: TraceSession) -> None:
+        box["session"] = session
+        ready.set()
+
+    def runner() -> None:
+        try:
+            while not ready.wait(0.05):
+                if cancel.is_set():
+                    return
+            box["value"] = work(box["session"])
+            time.sleep(settle)  # the last records reach the ring buffer and get read
+        except BaseException as exc:  # re-raised in the main thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=runner, name="workload", daemon=True)
+    thread.start()
+    try:
+        result = run_attach(
+            AttachOptions(pids=[postmaster_pid], duration=limit, query_text=query_text),
+            on_ready=on_ready,
+            stop_when=done.is_set,
+        )
+    finally:
+        cancel.set()
+        thread.join(limit)
+    if "error" in box:
+        raise box["error"]
+    if thread.is_alive() or "value" not in box:
+        raise AssertionError(f"the workload did not finish within the {limit}s trace")
+    return Traced(result, box["value"])
+
+
+# --- pgbench --------------------------------------------------------------------------------
+
+
+@dataclass
+class Pgbench:
+    processed: int
+    failed: int
+    output: str
+    log_lines: list[str] = field(default_factory=list)
+
+
+def pgbench_path(cluster: ClusterLike) -> str:
+    own = os.path.join(cluster.bin_dir or "", "pgbench")
+    return own if cluster.bin_dir and os.access(own, os.X_OK) else PGBENCH_DEFAULT
+
+
+def pgbench(
+    cluster: ClusterLike,
+    script: str,
+    *,
+    clients: int,
+    seconds: int | None = None,
+    transactions: int | None = None,
+    mode: str = "simple",
+    log: bool = False,
+) -> Pgbench:
+    """Run pgbench with a custom script; its own count of processed transactions."""
+    with tempfile.TemporaryDirectory(prefix="pgtrace-bench-") as tmp:
+        path = os.path.join(tmp, "script.sql")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(script.strip() + "\n")
+        cmd = [
+            pgbench_path(cluster), "-n", "-h", cluster.socket_dir, "-p", str(cluster.port),
+            "-U", "postgres", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
+            "-f", path,
+        ]
+        if seconds is not None:
+            cmd += ["-T", str(seconds)]
+        if transactions is not None:
+            cmd += ["-t", str(transactions)]
+        if log:
+            cmd += ["-l", "--log-prefix", os.path.join(tmp, "log")]
+        cmd.append("postgres")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
+                             timeout=120)
+        out = res.stdout + res.stderr
+        if res.returncode != 0:
+            raise AssertionError(f"pgbench failed ({res.returncode}): {out}")
+        lines: list[str] = []
+        if log:
+            for name in sorted(os.listdir(tmp)):
+                if name.startswith("log"):
+                    with open(os.path.join(tmp, name), encoding="utf-8") as f:
+                        lines += f.read().splitlines()
+    m = re.search(r"number of transactions actually processed: (\d+)", out)
+    if m is None:
+        raise AssertionError(f"no transaction count in pgbench's output: {out}")
+    fm = re.search(r"number of failed transactions: (\d+)", out)
+    return Pgbench(int(m.group(1)), int(fm.group(1)) if fm else 0, out, lines)
+
+
+# --- /proc ------------------------------------------------------------------------------------
+
+
+def schedstat(pid: int) -> tuple[int, int]:
+    """(on-CPU ns, run-queue wait ns) of a task, from /proc/<pid>/schedstat."""
+    with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+        run, wait, _slices = f.read().split()
+    return int(run), int(wait)
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state of a task (R, S, D, ...)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_idle(pid: int, timeout: float = 10.0) -> None:
+    """Wait until a backend sleeps (blocked reading its socket after ReadyForQuery)."""
+    wait_for(lambda: proc_state(pid) == "S", timeout, f"backend {pid} to go idle")
+
+
+@contextlib.contextmanager
+def cpu_hogs(cpus: list[int]) -> Iterator[list[int]]:
+    """One busy-looping process pinned to each CPU in `cpus`; killed (by pid) on exit."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for cpu in cpus:
+            p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            procs.append(p)
+            os.sched_setaffinity(p.pid, {cpu})
+        wait_for(lambda: all(proc_state(p.pid) == "R" for p in procs), 10, "the CPU hogs")
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(10)
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache (root)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+        f.write("3\n")
+
+
+# --- libpq protocol trace -----------------------------------------------------------------------
+
+
+class ProtocolTrace:
+    """libpq's own record of the messages a connection sent (PQtrace)."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+        self._file = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 (closed in __exit__)
+        self._text = ""
+
+    def __enter__(self) -> ProtocolTrace:
+        pgconn = self._conn.pgconn
+        # libpq fdopen()s the fd and never closes its FILE: give it a duplicate.
+        pgconn.trace(os.dup(self._file.fileno()))
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.pgconn.untrace()  # flushes the FILE
+        self._file.seek(0)
+        self._text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+
+    def sent(self, message: str) -> int:
+        """How many frontend messages of this type (Query, Parse, Sync, ...) were sent."""
+        n = 0
+        for line in self._text.splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[0] == "F" and parts[2].split(" ")[0] == message:
+                n += 1
+        return n
+
+    @property
+    def text(self) -> str:
+        return self._text
