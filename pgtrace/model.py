@@ -49,7 +49,7 @@ COUNTERS: tuple[str, ...] = (
     "aborted",
     "forks",
     "badarg",
-    "spare",
+    "retried",
 )
 
 #: Per-request counts of events, as capture columns.

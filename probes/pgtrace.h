@@ -72,6 +72,7 @@
 #define C_ABORTED 4       /* backend exited inside a request */
 #define C_FORKS 5
 #define C_BADARG 6        /* a USDT site whose argument spec was unknown */
+#define C_RETRIED 7       /* a record written on the second try */
 #define NCOUNTERS 8
 
 #define NLW 4             /* LWLock tranches kept per request; more go to lw_other_ns */
@@ -129,7 +130,8 @@ struct task_state {
 	u8 depth;
 	u8 overflow;
 	u8 opening_wal;
-	u8 pad[7];
+	u8 ending;            /* inside ReadyForQuery: its send ends the request */
+	u8 pad[6];
 	struct ctx_entry stack[MAXDEPTH];
 	struct req_event acc;
 };

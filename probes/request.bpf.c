@@ -2,10 +2,10 @@
  * request.bpf.c: request boundaries for both protocols and the backends' lives.
  *
  * A request runs from the receipt of its first bytes (recvfrom returning data
- * while the backend is idle after ReadyForQuery) to the return of the
- * ReadyForQuery that answers it (its 'Z' message is flushed inside).  In
+ * while the backend is idle after ReadyForQuery) to the send, inside the
+ * ReadyForQuery that answers it, that flushes its 'Z' message.  In
  * pipeline mode the next request's bytes are already buffered: it starts when
- * the previous ReadyForQuery returns.  Records are written without wake-ups:
+ * the previous request's answer is sent.  Records are written without wake-ups:
  * pgtrace reads the ring buffer on a timer (pgtrace/collect/ringbuf.py).
  */
 #include "pgtrace.h"
@@ -36,31 +36,58 @@ static __always_inline void new_task(u32 pid, u64 now)
 	st->wake_ts = now;
 }
 
-/* uretprobe on ReadyForQuery: the answer is flushed; emit the request. */
-int on_ready_for_query(struct pt_regs *ctx)
+/* Emit the request and start waiting for the next one. */
+static __always_inline void end_request(struct task_state *st, u64 now)
 {
-	struct task_state *st = current_state();
-	u64 now = bpf_ktime_get_ns();
-	if (!st)
-		return 0;
+	u64 seq;
 	charge(st, now);
 	if (st->req != REQ_NONE) {
 		st->acc.t_end = now;
 		st->acc.pid = bpf_get_current_pid_tgid();
 		st->acc.depth_at_end = st->depth;
-		if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0)
+		/* a reservation can fail with room to spare (the ring's lock is a
+		 * resilient spinlock since 6.15): try once more before counting it lost */
+		if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0) {
 			bump(C_REQUESTS);
-		else
-			bump(C_LOST);
+		} else {
+			bump(C_RETRIED);
+			if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0)
+				bump(C_REQUESTS);
+			else
+				bump(C_LOST);
+		}
 	}
-	st->acc.seq++;
-	{
-		u64 seq = st->acc.seq;
-		reset_request(st, now);
-		st->acc.seq = seq;
-	}
+	seq = st->acc.seq + 1;
+	reset_request(st, now);
+	st->acc.seq = seq;
 	st->req = REQ_IDLE;
 	st->wake_runq_ns = 0;
+}
+
+/* uprobe on ReadyForQuery: the 'Z' message is about to be flushed. */
+int on_ready_for_query(struct pt_regs *ctx)
+{
+	struct task_state *st = current_state();
+	if (st)
+		st->ending = 1;
+	return 0;
+}
+
+/*
+ * The send inside ReadyForQuery ends the request: the client can have its
+ * answer from then on (and may preempt the backend to read it, which is no
+ * longer the request's time).
+ */
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+{
+	struct task_state *st;
+	if (args->ret <= 0)
+		return 0;
+	st = current_state();
+	if (!st || !st->ending)
+		return 0;
+	st->ending = 0;
+	end_request(st, bpf_ktime_get_ns());
 	return 0;
 }
 

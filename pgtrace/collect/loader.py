@@ -44,7 +44,7 @@ USDT_PROBES: dict[str, tuple[str, int | None]] = {
 
 #: Exported functions -> (BPF function, is return probe).
 UPROBES: dict[str, tuple[str, bool]] = {
-    "ReadyForQuery": ("on_ready_for_query", True),
+    "ReadyForQuery": ("on_ready_for_query", False),
     "pgstat_report_activity": ("on_report_activity", False),
 }
 

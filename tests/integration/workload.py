@@ -3,9 +3,9 @@
 `traced()` runs a workload while `run_attach` traces the cluster: the trace runs in the
 test's main thread (its signal handlers need it), the workload in a helper thread that
 starts only once the probes are attached (`on_ready`); the trace ends when the workload
-does (`stop_when`). Everything else here is an
-independent source to compare the trace with: pgbench's own counts, /proc/<pid>/schedstat,
-CPU hogs, libpq's protocol trace.
+does (`stop_when`). Everything else here is an independent source to compare the trace
+with: pgbench's own counts and latency log, /proc/<pid>/schedstat, libpq's protocol trace;
+and CPU hogs, to make the run queue long.
 """
 
 from __future__ import annotations
@@ -63,11 +63,6 @@ class Traced(Generic[T]):
 
     run: RunResult
     value: T
-
-    def pid_frame(self, pid: int) -> Any:
-        """The requests of one backend, in order."""
-        df = self.run.frame
-        return df[df["pid"] == pid].sort_values("t_start").reset_index(drop=True)
 
 
 def traced(
