@@ -119,6 +119,17 @@ def free_port() -> int:
         return port
 
 
+def first_value(dsn: str, sql: str) -> str:
+    """Run ``sql`` at ``dsn``; the first column of the first row as text, or ""."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(sql.encode())
+        res = cur.pgresult
+        if res is None or res.ntuples == 0 or res.nfields == 0:
+            return ""
+        value = res.get_value(0, 0)
+        return "" if value is None else value.decode("utf-8", "replace")
+
+
 @dataclass
 class TempCluster:
     """A running private cluster; ``stop()`` shuts it down and deletes its directory."""
@@ -141,13 +152,7 @@ class TempCluster:
 
     def psql(self, sql: str) -> str:
         """Run ``sql``; the first column of the first row as the server's text, or ""."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute(sql.encode())
-            res = cur.pgresult
-            if res is None or res.ntuples == 0 or res.nfields == 0:
-                return ""
-            value = res.get_value(0, 0)
-            return "" if value is None else value.decode("utf-8", "replace")
+        return first_value(self.dsn, sql)
 
     def restart(self) -> None:
         """Restart the server (e.g. after ALTER SYSTEM of a postmaster-level setting)."""

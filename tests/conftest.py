@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import psycopg
 import pytest
 
-from pgtrace.cluster import start_cluster
+from pgtrace.cluster import first_value, start_cluster
 
 GUARDED_MARKERS = ("root", "bpf")
 
@@ -93,13 +93,7 @@ class ExternalCluster:
         return cls(bin_dir, data_dir, socket_dir, port, pid, dsn)
 
     def psql(self, sql: str) -> str:
-        with psycopg.connect(self.dsn, autocommit=True) as c, c.cursor() as cur:
-            cur.execute(sql.encode())
-            res = cur.pgresult
-            if res is None or res.ntuples == 0 or res.nfields == 0:
-                return ""
-            value = res.get_value(0, 0)
-            return "" if value is None else value.decode("utf-8", "replace")
+        return first_value(self.dsn, sql)
 
     def stop(self) -> None:
         """Never stop a server we did not start."""
