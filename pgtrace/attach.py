@@ -20,6 +20,7 @@ from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
 from pgtrace.errors import TargetError, UsageError
+from pgtrace.settings import server_settings
 from pgtrace.target import Target, find_target
 
 #: Records converted to a DataFrame once this many have been read.
@@ -117,12 +118,15 @@ def run_attach(
     """Trace until duration, count intervals, or a signal; detach always."""
     check_root()
     target, seed, follow = resolve_targets(opts.pids)
+    settings = server_settings(target.binary, target.postmaster_pid, target.data_dir)
     session = TraceSession(
         binary=target.binary,
         postmaster_pid=target.postmaster_pid,
         pids=seed,
         follow_forks=follow,
-        config=ProgramConfig(query_len=opts.query_len),
+        config=ProgramConfig.for_sync_method(
+            settings.get("wal_sync_method"), query_len=opts.query_len
+        ),
     )
     fps = Fingerprints()
     tranches = TrancheNames(lambda: [target.postmaster_pid, *session.tracked_pids()])
@@ -173,6 +177,7 @@ def run_attach(
     summ = summary(df, lost=counters.get("lost", 0), unmatched=counters.get("unmatched", 0),
                    duration_s=elapsed)
     header = _header(target, opts, wall0, counters, fps.texts)
+    header["settings"] = settings
     header["duration_s"] = elapsed
     header["lost"] = counters.get("lost", 0)
     header["unmatched"] = counters.get("unmatched", 0)

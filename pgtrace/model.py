@@ -50,7 +50,22 @@ COUNTERS: tuple[str, ...] = (
     "forks",
     "badarg",
     "retried",
+    "deferred",
 )
+
+#: Wait contexts (CTX_* in pgtrace.h), naming the runqueue:<context> columns:
+#: run-queue time split by the context it interrupted.
+CONTEXTS: tuple[str, ...] = (
+    "none",
+    "fsync",
+    "wal_write",
+    "lwlock",
+    "lock",
+    "io_read",
+    "io_write",
+)
+
+RUNQUEUE_PREFIX = "runqueue:"
 
 #: Per-request counts of events, as capture columns.
 COUNTS: tuple[str, ...] = (

@@ -28,6 +28,9 @@
 #ifndef WAL_WRITE_IS_SYNC
 #define WAL_WRITE_IS_SYNC 0       /* wal_sync_method open_datasync/open_sync */
 #endif
+#ifndef WAL_FLUSH_IS_FSYNC
+#define WAL_FLUSH_IS_FSYNC 0      /* wal_sync_method fsync: the flush is fsync(), not fdatasync() */
+#endif
 #ifndef MAX_TASKS
 #define MAX_TASKS 16384
 #endif
@@ -52,6 +55,7 @@
 #define CTX_LOCK 4
 #define CTX_IO_READ 5
 #define CTX_IO_WRITE 6
+#define NCTX 7
 #define MAXDEPTH 4
 
 /* scheduler mode of a traced task */
@@ -73,7 +77,8 @@
 #define C_FORKS 5
 #define C_BADARG 6        /* a USDT site whose argument spec was unknown */
 #define C_RETRIED 7       /* a record written on the second try */
-#define NCOUNTERS 8
+#define C_DEFERRED 8      /* a record handed over through the `deferred` map */
+#define NCOUNTERS 9
 
 #define NLW 4             /* LWLock tranches kept per request; more go to lw_other_ns */
 #define NLOCKTYPES 12     /* LockTagType values (storage/lock.h), the last one = other */
@@ -109,6 +114,7 @@ struct req_event {
 	u32 n_write;
 	u32 n_vcsw;           /* voluntary context switches */
 	u32 n_ivcsw;          /* preemptions */
+	u64 rq_ctx[NCTX];     /* runqueue split by the context it interrupted (CTX_*) */
 	char query[QUERY_LEN];
 };
 
@@ -125,11 +131,12 @@ struct task_state {
 	u64 wake_ts;          /* when the last wake-up made it runnable */
 	u64 wake_runq_ns;     /* run-queue wait of that wake-up, once it ran */
 	s32 wal_fd;           /* fd of the open WAL segment, -1 if none */
+	s32 init_fd;          /* fd of a WAL segment being created (xlogtemp.*), -1 if none */
 	u8 mode;
 	u8 req;
 	u8 depth;
 	u8 overflow;
-	u8 opening_wal;
+	u8 opening_wal;       /* 1: opening a WAL segment, 2: a new one (xlogtemp.*) */
 	u8 ending;            /* inside ReadyForQuery: its send ends the request */
 	u8 pad[6];
 	struct ctx_entry stack[MAXDEPTH];
@@ -156,6 +163,8 @@ BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 BPF_ARRAY(zero_state, struct task_state, 1);
 BPF_HASH(usdt_args, struct argkey, struct argspec, 1024);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* records the ring buffer refused: pgtrace reads and deletes them, key pid<<32|seq */
+BPF_HASH(deferred, u64, struct req_event, 1024);
 /* never written: lets the loader compare bcc's layout with events.py */
 BPF_ARRAY(layout_req_event, struct req_event, 1);
 
@@ -178,10 +187,10 @@ static __always_inline u32 bucket_of(struct task_state *st, u8 *kind)
 {
 	u8 depth = st->depth;
 	*kind = CTX_NONE;
-	if (st->mode == MODE_RUNQ)
-		return B_RUNQUEUE;
 	if (depth > 0 && depth <= MAXDEPTH)
 		*kind = st->stack[(depth - 1) & (MAXDEPTH - 1)].kind;
+	if (st->mode == MODE_RUNQ)
+		return B_RUNQUEUE;
 	switch (*kind) {
 	case CTX_FSYNC: return B_FSYNC;
 	case CTX_WAL_WRITE: return B_WAL_WRITE;
@@ -228,6 +237,19 @@ static __always_inline void charge(struct task_state *st, u64 now)
 	if (b >= NBUCKETS)
 		return;
 	st->acc.buckets[b] += delta;
+	if (b == B_RUNQUEUE) {
+		/* constant indices: the verifier cannot follow a clamped one here */
+		switch (kind) {
+		case CTX_FSYNC: st->acc.rq_ctx[CTX_FSYNC] += delta; break;
+		case CTX_WAL_WRITE: st->acc.rq_ctx[CTX_WAL_WRITE] += delta; break;
+		case CTX_LWLOCK: st->acc.rq_ctx[CTX_LWLOCK] += delta; break;
+		case CTX_LOCK: st->acc.rq_ctx[CTX_LOCK] += delta; break;
+		case CTX_IO_READ: st->acc.rq_ctx[CTX_IO_READ] += delta; break;
+		case CTX_IO_WRITE: st->acc.rq_ctx[CTX_IO_WRITE] += delta; break;
+		default: st->acc.rq_ctx[CTX_NONE] += delta; break;
+		}
+		return;
+	}
 	if (b == B_LWLOCK || b == B_LOCK) {
 		u8 d = (st->depth - 1) & (MAXDEPTH - 1);
 		if (b == B_LWLOCK) {

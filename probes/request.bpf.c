@@ -31,6 +31,7 @@ static __always_inline void new_task(u32 pid, u64 now)
 	if (!st)
 		return;
 	st->wal_fd = -1;
+	st->init_fd = -1;
 	st->mode = MODE_RUNQ;
 	st->last_ts = now;
 	st->wake_ts = now;
@@ -46,15 +47,21 @@ static __always_inline void end_request(struct task_state *st, u64 now)
 		st->acc.pid = bpf_get_current_pid_tgid();
 		st->acc.depth_at_end = st->depth;
 		/* a reservation can fail with room to spare (the ring's lock is a
-		 * resilient spinlock since 6.15): try once more before counting it lost */
+		 * resilient spinlock since 6.15): try once more, then hand the
+		 * record over through a hash map before counting it lost */
 		if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0) {
 			bump(C_REQUESTS);
-		} else {
+		} else if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0) {
 			bump(C_RETRIED);
-			if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0)
+			bump(C_REQUESTS);
+		} else {
+			u64 key = ((u64)st->acc.pid << 32) | (u32)st->acc.seq;
+			if (deferred.update(&key, &st->acc) == 0) {
+				bump(C_DEFERRED);
 				bump(C_REQUESTS);
-			else
+			} else {
 				bump(C_LOST);
+			}
 		}
 	}
 	seq = st->acc.seq + 1;

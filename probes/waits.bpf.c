@@ -77,7 +77,19 @@ int on_write_done(struct pt_regs *ctx)
 	return 0;
 }
 
-/* ---- WAL: track the segment's fd, then its writes and flushes ---------- */
+/* ---- WAL: track the segment's fd, then its writes and flushes ----------
+ *
+ * Backends open WAL files by relative path: "pg_wal/<24 hex digits>" is a
+ * segment, "pg_wal/xlogtemp.<pid>" one being created.  The flush
+ * (issue_xlog_fsync) is fdatasync (or fsync, per wal_sync_method) of the open
+ * segment: `fsync`.  Writes to either, and the other syncs of segment
+ * creation and its durable rename, are `wal_write`.
+ */
+
+static __always_inline int is_hex(char c)
+{
+	return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F');
+}
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
@@ -85,9 +97,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 	struct task_state *st = current_state();
 	if (!st)
 		return 0;
-	bpf_probe_read_user(head, 7, args->filename);
-	st->opening_wal = head[0] == 'p' && head[1] == 'g' && head[2] == '_' &&
-			  head[3] == 'w' && head[4] == 'a' && head[5] == 'l' && head[6] == '/';
+	bpf_probe_read_user(head, 8, args->filename);
+	st->opening_wal = 0;
+	if (head[0] == 'p' && head[1] == 'g' && head[2] == '_' && head[3] == 'w' &&
+	    head[4] == 'a' && head[5] == 'l' && head[6] == '/')
+		st->opening_wal = is_hex(head[7]) ? 1 : (head[7] == 'x' ? 2 : 0);
 	return 0;
 }
 
@@ -96,46 +110,66 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
 	struct task_state *st = current_state();
 	if (!st || !st->opening_wal)
 		return 0;
+	if (args->ret >= 0) {
+		if (st->opening_wal == 1)
+			st->wal_fd = args->ret;
+		else
+			st->init_fd = args->ret;
+	}
 	st->opening_wal = 0;
-	if (args->ret >= 0)
-		st->wal_fd = args->ret;
 	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
 	struct task_state *st = current_state();
-	if (st && st->wal_fd >= 0 && args->fd == (u64)st->wal_fd)
+	if (!st)
+		return 0;
+	if (st->wal_fd >= 0 && args->fd == (u64)st->wal_fd)
 		st->wal_fd = -1;
+	if (st->init_fd >= 0 && args->fd == (u64)st->init_fd)
+		st->init_fd = -1;
 	return 0;
 }
 
-static __always_inline void sync_enter(u64 fd)
+static __always_inline int is_wal_fd(struct task_state *st, u64 fd)
+{
+	return (st->wal_fd >= 0 && fd == (u64)st->wal_fd) ||
+	       (st->init_fd >= 0 && fd == (u64)st->init_fd);
+}
+
+static __always_inline void sync_enter(u64 fd, int is_fsync)
 {
 	struct task_state *st = current_state();
 	if (!st)
 		return;
-	if (st->wal_fd >= 0 && fd == (u64)st->wal_fd) {
+	if (st->wal_fd >= 0 && fd == (u64)st->wal_fd && is_fsync == WAL_FLUSH_IS_FSYNC) {
 		st->acc.n_fsync++;
 		enter_syscall_ctx(st, CTX_FSYNC);
+	} else if (is_wal_fd(st, fd)) {
+		st->acc.n_wal_write++;
+		enter_syscall_ctx(st, CTX_WAL_WRITE);
 	} else {
 		enter_syscall_ctx(st, CTX_IO_WRITE);
 	}
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_fdatasync) { sync_enter(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_fdatasync) { sync_enter(args->fd, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_fdatasync) { leave_syscall_ctx(); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_fsync) { sync_enter(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_fsync) { sync_enter(args->fd, 1); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_fsync) { leave_syscall_ctx(); return 0; }
 
-/* Writes to the WAL segment: its own bucket, or the flush itself with O_DSYNC. */
+/* Writes to WAL files: their own bucket, or the flush itself with O_DSYNC. */
 static __always_inline void write_enter(u64 fd)
 {
 	struct task_state *st = current_state();
-	if (!st || st->wal_fd < 0 || fd != (u64)st->wal_fd)
+	if (!st || !is_wal_fd(st, fd))
 		return;
 	st->acc.n_wal_write++;
-	enter_syscall_ctx(st, WAL_WRITE_IS_SYNC ? CTX_FSYNC : CTX_WAL_WRITE);
+	if (WAL_WRITE_IS_SYNC && st->wal_fd >= 0 && fd == (u64)st->wal_fd)
+		enter_syscall_ctx(st, CTX_FSYNC);
+	else
+		enter_syscall_ctx(st, CTX_WAL_WRITE);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64) { write_enter(args->fd); return 0; }

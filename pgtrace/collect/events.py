@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from pgtrace.model import COUNTS, LOCK_TYPES, SERVER_BUCKETS
+from pgtrace.model import CONTEXTS, COUNTS, LOCK_TYPES, SERVER_BUCKETS
 
 NBUCKETS = len(SERVER_BUCKETS)
 NLOCKTYPES = len(LOCK_TYPES)
+NCTX = len(CONTEXTS)
 NLW = 4
 DEFAULT_QUERY_LEN = 128
 
@@ -40,6 +41,7 @@ def req_event_type(query_len: int = DEFAULT_QUERY_LEN) -> type[ct.Structure]:
         ("lw_other_ns", ct.c_uint64),
         ("lock_ns", ct.c_uint64 * NLOCKTYPES),
         *((name, ct.c_uint32) for name in COUNTS),
+        ("rq_ctx", ct.c_uint64 * NCTX),
         ("query", ct.c_char * query_len),
     ]
     return type("ReqEvent", (ct.Structure,), {"_fields_": fields})

@@ -10,10 +10,12 @@ import pandas as pd
 from pgtrace.collect.events import event_dtype
 from pgtrace.fingerprint import fingerprint, normalize
 from pgtrace.model import (
+    CONTEXTS,
     COUNTS,
     LOCK_PREFIX,
     LOCK_TYPES,
     LWLOCK_PREFIX,
+    RUNQUEUE_PREFIX,
     SERVER_BUCKETS,
     UNEXPLAINED,
 )
@@ -88,6 +90,9 @@ def records_frame(
     for i, name in enumerate(SERVER_BUCKETS):
         cols[name] = buckets[:, i]
     cols[UNEXPLAINED] = server - buckets.sum(axis=1)
+    rq = a["rq_ctx"].astype(np.int64)
+    for i, ctx in enumerate(CONTEXTS):
+        cols[RUNQUEUE_PREFIX + ctx] = rq[:, i]
     cols.update(_lwlock_columns(a, tranches))
     lock = a["lock_ns"].astype(np.int64)
     for i, name in enumerate(LOCK_TYPES):

@@ -105,6 +105,16 @@ class ProgramConfig:
     ringbuf_pages: int = 4096
     state_running: int = 2
     wal_write_is_sync: bool = False
+    wal_flush_is_fsync: bool = False
+
+    @classmethod
+    def for_sync_method(cls, method: str | None, **kw: int) -> ProgramConfig:
+        """Constants for a wal_sync_method (None: the default, fdatasync)."""
+        return cls(
+            wal_write_is_sync=method in ("open_sync", "open_datasync"),
+            wal_flush_is_fsync=method in ("fsync", "fsync_writethrough"),
+            **kw,
+        )
 
     def cflags(self) -> list[str]:
         """Compiler flags for bcc."""
@@ -115,6 +125,7 @@ class ProgramConfig:
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
             f"-DSTATE_RUNNING={self.state_running}",
             f"-DWAL_WRITE_IS_SYNC={int(self.wal_write_is_sync)}",
+            f"-DWAL_FLUSH_IS_FSYNC={int(self.wal_flush_is_fsync)}",
             "-Wno-macro-redefined",
         ]
 

@@ -70,6 +70,7 @@ class TraceSession:
             ringbuf_pages=self.config.ringbuf_pages,
             state_running=self.config.state_running,
             wal_write_is_sync=self.config.wal_write_is_sync,
+            wal_flush_is_fsync=self.config.wal_flush_is_fsync,
         )
         bpf = compile_program(cfg)
         self._att = Attachment(bpf)
@@ -103,10 +104,24 @@ class TraceSession:
         if timeout_ms > 0:
             time.sleep(timeout_ms / 1000)
         if self._ring is not None:
-            chunk = self._ring.read()
+            chunk = self._ring.read() + self._read_deferred()
             if chunk:
                 self.chunks.append(chunk)
                 self._pending += len(chunk) // self._ring.record_size
+
+    def _read_deferred(self) -> bytes:
+        """Records the ring buffer refused, handed over through the `deferred` map."""
+        assert self._att is not None and self._att.bpf is not None
+        table = self._att.bpf["deferred"]
+        out = []
+        for key in list(table.keys()):
+            try:
+                leaf = table[key]
+            except KeyError:
+                continue
+            out.append(ct.string_at(ct.addressof(leaf), ct.sizeof(leaf)))
+            del table[key]
+        return b"".join(out)
 
     @property
     def pending(self) -> int:

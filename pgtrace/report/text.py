@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgtrace.aggregate import bucket_table, wait_table
-from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX
+from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX, RUNQUEUE_PREFIX
 
 
 def fmt_ns(ns: float) -> str:
@@ -23,6 +23,17 @@ def fmt_ns(ns: float) -> str:
     if ns >= 1e3:
         return f"{ns / 1e3:.1f} us"
     return f"{ns:.0f} ns"
+
+
+def runqueue_line(df: pd.DataFrame) -> str:
+    """Where the run-queue waits happened: the context each one interrupted."""
+    cols = [c for c in df.columns if str(c).startswith(RUNQUEUE_PREFIX)]
+    total = int(df["runqueue"].sum()) if len(df) and "runqueue" in df else 0
+    if not cols or total <= 0:
+        return ""
+    parts = sorted(((int(df[c].sum()), str(c)[len(RUNQUEUE_PREFIX):]) for c in cols), reverse=True)
+    shown = [f"{name} {ns / total * 100:.0f}%" for ns, name in parts if ns > 0]
+    return "runqueue by context it interrupted: " + ", ".join(shown)
 
 
 def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> None:
@@ -52,6 +63,9 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> No
             fmt_ns(row["p99_ns"]),
         )
     con.print(table)
+    rq = runqueue_line(df)
+    if rq:
+        con.print(rq)
     for prefix, title in ((LWLOCK_PREFIX, "LWLock tranches"), (LOCK_PREFIX, "Lock types")):
         waits = wait_table(df, prefix)
         if waits.empty:

@@ -74,7 +74,7 @@ def test_counts_are_the_u32_fields_in_order() -> None:
     names = [f[0] for f in req_event_type()._fields_]
     i = names.index(COUNTS[0])
     assert names[i : i + len(COUNTS)] == list(COUNTS)
-    assert names[i + len(COUNTS)] == "query"
+    assert names[i + len(COUNTS) :] == ["rq_ctx", "query"]
 
 
 @pytest.mark.parametrize("qlen", [128, 64, 200])
