@@ -16,6 +16,7 @@ import pandas as pd
 
 from pgtrace import __version__
 from pgtrace.aggregate import concat, summary
+from pgtrace.collect.activity import locate_activity
 from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
@@ -109,6 +110,16 @@ def _header(target: Target, opts: AttachOptions, t0: float, counters: dict[str, 
     }
 
 
+def _activity_constants(target: Target, settings: dict[str, str]) -> dict[str, int]:
+    """Read query text from the status entry where its layout checks out on live backends."""
+    if settings.get("track_activities", "on") != "on":
+        return {}
+    found = locate_activity(target.binary, target.major, [b.pid for b in target.backends])
+    if found is None:
+        return {}
+    return {"mybeentry_addr": found[0], "activity_raw_off": found[1]}
+
+
 def run_attach(
     opts: AttachOptions,
     on_interval: Callable[[pd.DataFrame, float], None] | None = None,
@@ -125,7 +136,9 @@ def run_attach(
         pids=seed,
         follow_forks=follow,
         config=ProgramConfig.for_sync_method(
-            settings.get("wal_sync_method"), query_len=opts.query_len
+            settings.get("wal_sync_method"),
+            query_len=opts.query_len,
+            **_activity_constants(target, settings),
         ),
     )
     fps = Fingerprints()

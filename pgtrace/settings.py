@@ -19,6 +19,7 @@ WRITE_SETTINGS: tuple[str, ...] = (
     "shared_buffers",
     "checkpoint_timeout",
     "max_wal_size",
+    "track_activities",
 )
 
 

@@ -37,12 +37,33 @@ static __always_inline void new_task(u32 pid, u64 now)
 	st->wake_ts = now;
 }
 
+#ifdef MYBEENTRY_ADDR
+/*
+ * The request's text, from the backend's own PgBackendStatus entry: the
+ * statement stays in st_activity_raw while the backend is idle.  MYBEENTRY_ADDR
+ * is the runtime address of the MyBEEntry pointer (the same in every forked
+ * backend), ACTIVITY_RAW_OFF the field's offset, checked by the loader.
+ */
+static __always_inline void read_activity(struct task_state *st)
+{
+	u64 be = 0, raw = 0;
+	if (bpf_probe_read_user(&be, sizeof(be), (void *)MYBEENTRY_ADDR) != 0 || !be)
+		return;
+	if (bpf_probe_read_user(&raw, sizeof(raw), (void *)(be + ACTIVITY_RAW_OFF)) != 0 || !raw)
+		return;
+	bpf_probe_read_user_str(st->acc.query, sizeof(st->acc.query), (void *)raw);
+}
+#endif
+
 /* Emit the request and start waiting for the next one. */
 static __always_inline void end_request(struct task_state *st, u64 now)
 {
 	u64 seq;
 	charge(st, now);
 	if (st->req != REQ_NONE) {
+#ifdef MYBEENTRY_ADDR
+		read_activity(st);
+#endif
 		st->acc.t_end = now;
 		st->acc.pid = bpf_get_current_pid_tgid();
 		st->acc.depth_at_end = st->depth;
@@ -117,7 +138,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
 	return 0;
 }
 
-/* pgstat_report_activity(state, cmd_str): keep the first statement's text. */
+/*
+ * pgstat_report_activity(state, cmd_str): keep the first statement's text.
+ * Attached only when the text cannot be read from the backend status entry.
+ */
 int on_report_activity(struct pt_regs *ctx)
 {
 	struct task_state *st = current_state();

@@ -101,10 +101,15 @@ def records_frame(
     for name in COUNTS:
         cols[name] = a[name].astype(np.int64)
     cols["depth_at_end"] = a["depth_at_end"].astype(np.int64)
-    queries = np.ascontiguousarray(a["query"]).view(f"S{query_len}").ravel().tolist()
-    cols["fingerprint"] = [fingerprints(q) for q in queries]
+    # fingerprint each distinct text once
+    texts = np.ascontiguousarray(a["query"]).view(f"S{query_len}").ravel()
+    uniq, inverse = np.unique(texts, return_inverse=True)
+    fps = np.array([fingerprints(bytes(q)) for q in uniq.tolist()], dtype=object)
+    cols["fingerprint"] = fps[inverse.ravel()] if len(a) else np.array([], dtype=object)
     if keep_text:
-        cols["query"] = [q.decode("utf-8", "replace") for q in queries]
+        decoded = np.array([bytes(q).decode("utf-8", "replace") for q in uniq.tolist()],
+                           dtype=object)
+        cols["query"] = decoded[inverse.ravel()] if len(a) else np.array([], dtype=object)
     return pd.DataFrame(cols)
 
 

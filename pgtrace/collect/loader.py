@@ -106,6 +106,8 @@ class ProgramConfig:
     state_running: int = 2
     wal_write_is_sync: bool = False
     wal_flush_is_fsync: bool = False
+    mybeentry_addr: int = 0      # nonzero: read query text from the backend status entry
+    activity_raw_off: int = 0
 
     @classmethod
     def for_sync_method(cls, method: str | None, **kw: int) -> ProgramConfig:
@@ -127,7 +129,12 @@ class ProgramConfig:
             f"-DWAL_WRITE_IS_SYNC={int(self.wal_write_is_sync)}",
             f"-DWAL_FLUSH_IS_FSYNC={int(self.wal_flush_is_fsync)}",
             "-Wno-macro-redefined",
-        ]
+        ] + (
+            [f"-DMYBEENTRY_ADDR={self.mybeentry_addr:#x}ULL",
+             f"-DACTIVITY_RAW_OFF={self.activity_raw_off}"]
+            if self.mybeentry_addr
+            else []
+        )
 
 
 def program_text() -> str:
@@ -238,12 +245,17 @@ def compile_program(config: ProgramConfig) -> Any:
         raise EnvironmentError_(f"bcc could not load pgtrace's BPF programs: {exc}") from exc
 
 
-def attach_all(bpf: Any, binary: str, pid_for_maps: int) -> Attachment:
+def attach_all(
+    bpf: Any, binary: str, pid_for_maps: int, config: ProgramConfig | None = None
+) -> Attachment:
     """Attach the uprobes and USDT sites; on any failure detach what was attached."""
     bcc = import_bcc()
     att = Attachment(bpf)
+    text_from_status = config is not None and config.mybeentry_addr != 0
     try:
         for sym, (fn, ret) in UPROBES.items():
+            if sym == "pgstat_report_activity" and text_from_status:
+                continue
             fd = bpf.load_func(fn, bcc.BPF.KPROBE).fd
             attach_uprobe(att, fd, binary, symbol_offset(binary, sym), ret=ret)
         by_name = probes_by_name(read_probes(binary))

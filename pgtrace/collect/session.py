@@ -71,12 +71,14 @@ class TraceSession:
             state_running=self.config.state_running,
             wal_write_is_sync=self.config.wal_write_is_sync,
             wal_flush_is_fsync=self.config.wal_flush_is_fsync,
+            mybeentry_addr=self.config.mybeentry_addr,
+            activity_raw_off=self.config.activity_raw_off,
         )
         bpf = compile_program(cfg)
         self._att = Attachment(bpf)
         try:
             self.add_pids(self.pids)
-            self._att = attach_all(bpf, self.binary, self.postmaster_pid)
+            self._att = attach_all(bpf, self.binary, self.postmaster_pid, cfg)
             self._ring = RingReader(
                 bpf["events"].map_fd,
                 cfg.ringbuf_pages * mmap.PAGESIZE,

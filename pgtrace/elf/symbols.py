@@ -85,3 +85,16 @@ def symbol_offset(path: str, name: str) -> int:
             "use an unstripped PostgreSQL build that exports it (Debian's does)",
         )
     return symbol.file_offset
+
+
+def object_address(path: str, name: str) -> int | None:
+    """Link-time address of a defined data symbol (STT_OBJECT), or None."""
+    with open_elf(path) as elf:
+        for section in ("dynsym", "symtab"):
+            table = elf.get_section_by_name(f".{section}")
+            if table is None:
+                continue
+            for sym in table.get_symbol_by_name(name) or []:
+                if sym["st_info"]["type"] == "STT_OBJECT" and sym["st_shndx"] != "SHN_UNDEF":
+                    return int(sym["st_value"])
+    return None
