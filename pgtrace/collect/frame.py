@@ -101,16 +101,37 @@ def records_frame(
     for name in COUNTS:
         cols[name] = a[name].astype(np.int64)
     cols["depth_at_end"] = a["depth_at_end"].astype(np.int64)
-    # fingerprint each distinct text once
+    # fingerprint each distinct text once (grouped by a vectorized 64-bit hash)
     texts = np.ascontiguousarray(a["query"]).view(f"S{query_len}").ravel()
-    uniq, inverse = np.unique(texts, return_inverse=True)
-    fps = np.array([fingerprints(bytes(q)) for q in uniq.tolist()], dtype=object)
+    _, first, inverse = np.unique(text_hashes(a["query"]), return_index=True,
+                                  return_inverse=True)
+    uniq = [bytes(texts[i]) for i in first.tolist()]
+    fps = np.array([fingerprints(q) for q in uniq], dtype=object)
     cols["fingerprint"] = fps[inverse.ravel()] if len(a) else np.array([], dtype=object)
     if keep_text:
-        decoded = np.array([bytes(q).decode("utf-8", "replace") for q in uniq.tolist()],
-                           dtype=object)
+        decoded = np.array([q.decode("utf-8", "replace") for q in uniq], dtype=object)
         cols["query"] = decoded[inverse.ravel()] if len(a) else np.array([], dtype=object)
     return pd.DataFrame(cols)
+
+
+FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def text_hashes(query: np.ndarray) -> np.ndarray:
+    """A 64-bit FNV-style hash per row of a fixed-width text column, vectorized."""
+    n = len(query)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    raw = np.ascontiguousarray(query).view(np.uint8).reshape(n, -1)
+    width = raw.shape[1] - raw.shape[1] % 8
+    words = np.ascontiguousarray(raw[:, :width]).view(np.uint64)
+    acc = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(words.shape[1]):
+            acc = (acc ^ words[:, i]) * FNV_PRIME
+        for j in range(width, raw.shape[1]):
+            acc = (acc ^ raw[:, j].astype(np.uint64)) * FNV_PRIME
+    return acc
 
 
 def _lwlock_columns(a: np.ndarray, tranches: Callable[[int], str]) -> dict[str, np.ndarray]:
