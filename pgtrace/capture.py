@@ -52,6 +52,8 @@ def read_capture(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     import pyarrow.parquet as pq
 
     path = Path(path)
+    if path.is_dir():
+        raise CaptureError(f"{path} is a directory, not a pgtrace capture")
     if not path.is_file():
         raise CaptureError(f"no capture at {path}")
     try:

@@ -169,7 +169,7 @@ Examples:
 
 
 @cli.command(epilog=REPORT_EPILOG)
-@click.argument("capture", type=click.Path(dir_okay=False))
+@click.argument("capture")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 @_errors_to_exit
