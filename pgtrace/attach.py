@@ -82,6 +82,10 @@ class _Stop:
 
 @contextmanager
 def _signals(stop: _Stop) -> Iterator[None]:
+    """Route SIGINT/SIGTERM/SIGHUP to `stop` (only the main thread can take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
