@@ -191,6 +191,16 @@ def report(capture: str, fmt: str) -> None:
         render_text(df, summ, sys.stdout)
 
 
+def _register_driver() -> None:
+    """`pgtrace load` lives with the driver."""
+    from pgtrace.driver.command import load
+
+    cli.add_command(load)
+
+
+_register_driver()
+
+
 def _resolve_binary(pid: int | None, binary: str | None) -> str:
     """The postgres binary named by --binary or used by --pid."""
     from pgtrace.errors import UsageError

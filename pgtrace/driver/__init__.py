@@ -1,0 +1,1 @@
+"""Built-in insert driver: workloads, a client-timestamping load runner, its summary."""

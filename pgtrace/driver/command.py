@@ -1,0 +1,104 @@
+"""`pgtrace load`: the click command (registered by the CLI with cli.add_command(load))."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+import psycopg
+
+from pgtrace.driver.runner import Progress, run_load, server_error_line
+from pgtrace.driver.summary import load_summary
+from pgtrace.driver.workloads import WORKLOADS, get_workload
+from pgtrace.errors import PgtraceError, ServerError
+
+LOAD_EPILOG = """\b
+Examples:
+  pgtrace load --workload insert-bigint --runners 40 --duration 10
+  pgtrace load --dsn 'host=/tmp port=5432 dbname=postgres' --workload insert-uuidv7 \\
+      --runners 40 --connections 4 --summary-json load.json
+  pgtrace load --workload insert-ulid --rate 500 --duration 30 --payload-bytes 200 --drop
+"""
+
+
+def _connect_sync(dsn: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, autocommit=True)
+    except psycopg.Error as exc:
+        raise ServerError(f"cannot connect to PostgreSQL: {server_error_line(exc)}") from None
+
+
+def _print_progress(p: Progress) -> None:
+    click.echo(f"  {p.elapsed_s:5.1f}s  {p.requests:>9} req  {p.errors} err  "
+               f"{p.tps:8.0f} tps  p50 {p.p50_ms:.2f} ms  p99 {p.p99_ms:.2f} ms", err=True)
+
+
+@click.command(epilog=LOAD_EPILOG)
+@click.option("--dsn", default="", show_default=False,
+              help="libpq conninfo or URI; empty: PG* environment variables, as psql.")
+@click.option("--workload", "workload_name", type=click.Choice(list(WORKLOADS)),
+              default="insert-bigint", show_default=True, help="Insert workload.")
+@click.option("--runners", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent logical workers.")
+@click.option("--connections", type=click.IntRange(min=1), default=None,
+              help="Connections shared by the runners [default: runners].")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to run [default: 10, unless --count].")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Requests to issue.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Open loop at this many requests/s in total (default: closed loop).")
+@click.option("--payload-bytes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Text payload size per row (0: NULL).")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="Write the summary as JSON here.")
+@click.option("--drop", is_flag=True, help="Drop the workload's table at the end.")
+@click.option("--quiet", "-q", is_flag=True, help="No live progress line.")
+def load(dsn: str, workload_name: str, runners: int, connections: int | None,
+         duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
+         summary_json: str | None, drop: bool, quiet: bool) -> None:
+    """Run a single-row insert workload and time every request on the client."""
+    try:
+        _load(dsn, workload_name, runners, connections, duration, count, rate, payload_bytes,
+              summary_json, drop, quiet)
+    except PgtraceError as exc:
+        click.echo(exc.line(), err=True)
+        sys.exit(exc.exit_code)
+
+
+def _load(dsn: str, workload_name: str, runners: int, connections: int | None,
+          duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
+          summary_json: str | None, drop: bool, quiet: bool) -> None:
+    if duration is None and count is None:
+        duration = 10.0
+    workload = get_workload(workload_name, payload_bytes)
+    with _connect_sync(dsn) as conn:
+        workload.setup(conn)
+    try:
+        result = run_load(dsn, workload, runners=runners, connections=connections,
+                          duration_s=duration, count=count, rate=rate,
+                          on_progress=None if quiet else _print_progress)
+    finally:
+        if drop:
+            try:
+                with _connect_sync(dsn) as conn:
+                    workload.teardown(conn)
+            except (PgtraceError, psycopg.Error):
+                click.echo(f"pgtrace: could not drop {workload.table}", err=True)
+    summary = load_summary(result.frame, result.duration_s)
+    if summary_json:
+        with open(summary_json, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+    c = summary["client_ns"]
+    click.echo(f"{workload.name}: {summary['requests']} requests, {summary['errors']} errors, "
+               f"{summary['tps']:.0f} tps, p50 {c['p50'] / 1e6:.3f} ms, "
+               f"p99 {c['p99'] / 1e6:.3f} ms ({summary['duration_s']:.1f} s)")
+    for line in result.first_errors[1:]:
+        click.echo(f"  error: {line}", err=True)
+    if result.fatal:
+        raise ServerError(f"run stopped early: {result.fatal}")
+    if summary["errors"]:
+        first = result.first_errors[0] if result.first_errors else "unknown error"
+        raise ServerError(f"{summary['errors']} requests failed (first: {first})")

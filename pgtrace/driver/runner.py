@@ -1,0 +1,329 @@
+"""Load runner: N logical runners over M autocommit psycopg connections on one event loop.
+
+Closed loop by default (each runner issues its next request when the previous one
+returns); open loop at a fixed total ``rate`` where request k is due at
+``t0 + k / rate`` and latency counts from that intended start (no coordinated
+omission). Every request gets CLOCK_MONOTONIC ns stamps: ``t_enqueue`` (intended or
+actual start), ``t_send`` (connection acquired, just before execute), ``t_recv``
+(reply or error received), plus the connection's backend pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psycopg
+from psycopg import pq
+
+from pgtrace.driver.workloads import Workload
+from pgtrace.errors import ServerError, UsageError
+
+COLUMNS = ("t_enqueue", "t_send", "t_recv", "pid", "ok", "runner")
+
+
+@dataclass
+class Progress:
+    """Counts since the start of the run, reported about once a second."""
+
+    elapsed_s: float
+    requests: int
+    errors: int
+    tps: float  # over the last interval
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
+class LoadResult:
+    """Per-request frame, wall duration, and the error that stopped the run (if any)."""
+
+    frame: pd.DataFrame
+    duration_s: float
+    fatal: str | None = None
+    first_errors: list[str] = field(default_factory=list)
+
+
+def intended_start_ns(t0_ns: int, rate: float, k: int) -> int:
+    """Open-loop schedule: request k is due at t0 + k / rate seconds."""
+    return t0_ns + round(k * 1e9 / rate)
+
+
+def server_error_line(exc: BaseException | str) -> str:
+    """A libpq/psycopg message folded into one line."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
+@dataclass
+class _Rec:
+    t_enqueue: list[int] = field(default_factory=list)
+    t_send: list[int] = field(default_factory=list)
+    t_recv: list[int] = field(default_factory=list)
+    pid: list[int] = field(default_factory=list)
+    ok: list[bool] = field(default_factory=list)
+    runner: list[int] = field(default_factory=list)
+
+
+class RequestError(Exception):
+    """A request failed on the server or the connection; ``broken``: connection lost."""
+
+    def __init__(self, message: str, broken: bool) -> None:
+        super().__init__(message)
+        self.broken = broken
+
+
+_STMT = b"pgtrace_load"
+
+
+class _Wire:
+    """One connection driven at the libpq level: prepared insert, one request in flight.
+
+    psycopg's Python-level execute costs more client CPU than the server spends on a
+    single-row insert; sending the prepared statement through psycopg's libpq binding
+    (``conn.pgconn``) keeps the driver within reach of pgbench.
+    """
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], workload: Workload,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.conn = conn
+        self.pg = conn.pgconn
+        self.pid = conn.info.backend_pid
+        self.loop = loop
+        self.formats = workload.param_formats
+        self.fut: asyncio.Future[None] | None = None
+        self.error: RequestError | None = None
+        self.dead = False
+        res = self.pg.prepare(_STMT, workload.prepared_sql, None)
+        if res.status != pq.ExecStatus.COMMAND_OK:
+            msg = res.error_message.decode("utf-8", "replace").strip()
+            raise ServerError(f"cannot prepare the insert of {workload.name}: {msg}")
+        self.pg.nonblocking = 1
+        self.fd = self.pg.socket
+        loop.add_reader(self.fd, self._readable)
+
+    def close(self) -> None:
+        """Stop watching the socket."""
+        self.loop.remove_reader(self.fd)
+
+    def _finish(self, error: RequestError | None) -> None:
+        fut, self.fut = self.fut, None
+        if fut is None or fut.done():
+            return
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+    def _readable(self) -> None:
+        pg = self.pg
+        try:
+            pg.consume_input()
+        except psycopg.Error as exc:
+            self.dead = True
+            self.loop.remove_reader(self.fd)
+            self._finish(RequestError(server_error_line(exc), broken=True))
+            return
+        if self.fut is None:
+            return
+        while not pg.is_busy():
+            res = pg.get_result()
+            if res is None:
+                error, self.error = self.error, None
+                self._finish(error)
+                return
+            if res.status != pq.ExecStatus.COMMAND_OK and self.error is None:
+                msg = res.error_message.decode("utf-8", "replace").strip()
+                self.error = RequestError(server_error_line(msg) or "request failed",
+                                          broken=pg.status == pq.ConnStatus.BAD)
+
+    async def execute(self, params: list[bytes | None]) -> None:
+        """Send one prepared insert and wait for its reply."""
+        pg = self.pg
+        if self.dead:
+            raise RequestError("connection to the server was lost", broken=True)
+        try:
+            pg.send_query_prepared(_STMT, params, self.formats)
+            while pg.flush():
+                await asyncio.sleep(0)
+        except psycopg.Error as exc:
+            raise RequestError(server_error_line(exc),
+                               broken=pg.status == pq.ConnStatus.BAD) from None
+        self.fut = self.loop.create_future()
+        await self.fut
+
+
+class _FairPool:
+    """Connections handed to waiting runners strictly first come, first served."""
+
+    def __init__(self, items: list[_Wire]) -> None:
+        self.free: collections.deque[_Wire] = collections.deque(items)
+        self.waiters: collections.deque[asyncio.Future[_Wire]] = collections.deque()
+
+    async def acquire(self) -> _Wire:
+        """The next free connection; queue behind earlier waiters."""
+        if self.free and not self.waiters:
+            return self.free.popleft()
+        fut: asyncio.Future[_Wire] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        return await fut
+
+    def release(self, item: _Wire) -> None:
+        """Hand the connection to the oldest waiter, or keep it free."""
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(item)
+                return
+        self.free.append(item)
+
+
+async def _connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    try:
+        return await psycopg.AsyncConnection.connect(dsn, autocommit=True, prepare_threshold=0)
+    except psycopg.Error as exc:
+        raise ServerError(f"cannot connect to PostgreSQL: {server_error_line(exc)}") from None
+
+
+async def run_load_async(
+    dsn: str,
+    workload: Workload,
+    *,
+    runners: int = 8,
+    connections: int | None = None,
+    duration_s: float | None = 10.0,
+    count: int | None = None,
+    rate: float | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> LoadResult:
+    """Run the workload; the table must already exist (see Workload.setup)."""
+    m = runners if connections is None else connections
+    if runners < 1 or m < 1:
+        raise UsageError("--runners and --connections must be >= 1")
+    if rate is not None and rate <= 0:
+        raise UsageError("--rate must be > 0")
+    if count is None and duration_s is None:
+        raise UsageError("give --duration or --count")
+    m = min(m, runners)
+    conns = list(await asyncio.gather(*(_connect(dsn) for _ in range(m)),
+                                      return_exceptions=True))
+    failed = [c for c in conns if isinstance(c, BaseException)]
+    good = [c for c in conns if isinstance(c, psycopg.AsyncConnection)]
+    if failed:
+        for c in good:
+            await c.close()
+        raise failed[0]
+    loop = asyncio.get_running_loop()
+    wires: list[_Wire] = []
+    try:
+        for c in good:
+            wires.append(_Wire(c, workload, loop))
+        return await _drive(wires, workload, runners, duration_s, count, rate, on_progress)
+    finally:
+        for w in wires:
+            w.close()
+        for c in good:
+            await c.close()
+
+
+async def _drive(
+    conns: list[_Wire],
+    workload: Workload,
+    runners: int,
+    duration_s: float | None,
+    count: int | None,
+    rate: float | None,
+    on_progress: Callable[[Progress], None] | None,
+) -> LoadResult:
+    params = workload.wire_params
+    rec = _Rec()
+    shared = len(conns) < runners
+    pool = _FairPool(conns)
+    state = {"next": 0, "stop": False}
+    fatal: list[str] = []
+    first_errors: list[str] = []
+    now = time.monotonic_ns
+    t0 = now()
+    deadline = t0 + round(duration_s * 1e9) if duration_s is not None else None
+    limit = count
+
+    async def runner(idx: int) -> None:
+        own = None if shared else conns[idx]
+        while not state["stop"]:
+            k = state["next"]
+            if limit is not None and k >= limit:
+                return
+            state["next"] = k + 1
+            if rate is not None:
+                t_enq = intended_start_ns(t0, rate, k)
+                if deadline is not None and t_enq >= deadline:
+                    return
+                delay = t_enq - now()
+                if delay > 0:
+                    await asyncio.sleep(delay / 1e9)
+            else:
+                t_enq = now()
+                if deadline is not None and t_enq >= deadline:
+                    return
+            conn = own if own is not None else await pool.acquire()
+            t_send = now()
+            ok = True
+            try:
+                await conn.execute(params())
+            except RequestError as exc:
+                ok = False
+                if len(first_errors) < 5:
+                    first_errors.append(str(exc))
+                if exc.broken:
+                    state["stop"] = True
+                    if not fatal:
+                        fatal.append(str(exc))
+            t_recv = now()
+            if own is None:
+                pool.release(conn)
+            rec.t_enqueue.append(t_enq)
+            rec.t_send.append(t_send)
+            rec.t_recv.append(t_recv)
+            rec.pid.append(conn.pid)
+            rec.ok.append(ok)
+            rec.runner.append(idx)
+
+    async def progress() -> None:
+        assert on_progress is not None
+        seen = 0
+        while True:
+            await asyncio.sleep(1.0)
+            n = len(rec.t_recv)
+            lat = np.asarray(rec.t_recv[seen:n], dtype=np.int64) - np.asarray(
+                rec.t_enqueue[seen:n], dtype=np.int64)
+            p50, p99 = (np.percentile(lat, [50, 99]) / 1e6) if len(lat) else (0.0, 0.0)
+            on_progress(Progress((now() - t0) / 1e9, n, rec.ok.count(False), n - seen,
+                                 float(p50), float(p99)))
+            seen = n
+
+    ticker = asyncio.create_task(progress()) if on_progress is not None else None
+    try:
+        await asyncio.gather(*(runner(i) for i in range(runners)))
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+    elapsed = (now() - t0) / 1e9
+    frame = pd.DataFrame({
+        "t_enqueue": np.asarray(rec.t_enqueue, dtype=np.int64),
+        "t_send": np.asarray(rec.t_send, dtype=np.int64),
+        "t_recv": np.asarray(rec.t_recv, dtype=np.int64),
+        "pid": np.asarray(rec.pid, dtype=np.int32),
+        "ok": np.asarray(rec.ok, dtype=bool),
+        "runner": np.asarray(rec.runner, dtype=np.int32),
+    })
+    return LoadResult(frame, elapsed, fatal[0] if fatal else None, first_errors)
+
+
+def run_load(dsn: str, workload: Workload, **kwargs: Any) -> LoadResult:
+    """Synchronous wrapper around run_load_async (its own event loop)."""
+    return asyncio.run(run_load_async(dsn, workload, **kwargs))

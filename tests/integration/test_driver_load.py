@@ -1,0 +1,185 @@
+"""`pgtrace load` against a live cluster: every workload, queueing, open loop, bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from pgtrace.driver.command import load
+from pgtrace.driver.runner import run_load
+from pgtrace.driver.workloads import WORKLOADS, get_workload
+from pgtrace.errors import ServerError
+
+pytestmark = pytest.mark.root
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def _invoke(args: list[str]) -> Any:
+    return CliRunner().invoke(load, ["-q", *args])
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_each_workload(name: str, dsn: str, conn: Conn, tmp_path: Path) -> None:
+    table = WORKLOADS[name].table
+    conn.execute(f"drop table if exists {table}")
+    out = tmp_path / "s.json"
+    res = _invoke(["--dsn", dsn, "--workload", name, "--runners", "4", "--connections", "4",
+                   "--duration", "2", "--payload-bytes", "32", "--summary-json", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())
+    assert s["requests"] > 0 and s["errors"] == 0
+    assert 1.9 < s["duration_s"] < 3.0
+    assert s["tps"] == pytest.approx(s["requests"] / s["duration_s"])
+    c = s["client_ns"]
+    assert 0 < c["p50"] <= c["p99"] <= c["p999"] <= c["max"]
+    row = conn.execute(f"select count(*), min(length(payload)) from {table}").fetchone()
+    assert row == (s["requests"], 32)
+    assert f"{s['requests']} requests, 0 errors" in res.output
+    if name == "insert-uuidv7":
+        row = conn.execute(f"select count(*) from {table} where substr(id::text, 15, 1) = '7'"
+                           " and substr(id::text, 20, 1) in ('8', '9', 'a', 'b')").fetchone()
+        assert row == (s["requests"],)
+    conn.execute(f"drop table {table}")
+
+
+def test_drop_flag(dsn: str, conn: Conn) -> None:
+    res = _invoke(["--dsn", dsn, "--workload", "insert-uuidv4", "--count", "50", "--drop"])
+    assert res.exit_code == 0, res.output
+    assert "50 requests, 0 errors" in res.output
+    row = conn.execute("select to_regclass('pgtrace_insert_uuidv4')").fetchone()
+    assert row == (None,)
+
+
+def test_frame_columns_and_pids(dsn: str, conn: Conn) -> None:
+    w = get_workload("insert-bigint")
+    conn.execute(f"drop table if exists {w.table}")
+    w.setup(conn)
+    r = run_load(dsn, w, runners=4, connections=4, duration_s=None, count=400)
+    df = r.frame
+    assert list(df.columns) == ["t_enqueue", "t_send", "t_recv", "pid", "ok", "runner"]
+    assert len(df) == 400 and bool(df["ok"].all())
+    assert ((df["t_enqueue"] <= df["t_send"]) & (df["t_send"] < df["t_recv"])).all()
+    assert df["pid"].nunique() == 4 and set(df["runner"]) == {0, 1, 2, 3}
+    server_pids = {int(p[0]) for p in conn.execute(
+        "select pid from pg_stat_activity where backend_type = 'client backend'").fetchall()}
+    assert conn.info.backend_pid in server_pids  # pids are real backend pids
+    w.teardown(conn)
+
+
+def test_queue_wait_when_runners_exceed_connections(dsn: str, conn: Conn) -> None:
+    w = get_workload("insert-bigint")
+    conn.execute(f"drop table if exists {w.table}")
+    w.setup(conn)
+    even = run_load(dsn, w, runners=2, connections=2, duration_s=2.0).frame
+    queued = run_load(dsn, w, runners=8, connections=2, duration_s=2.0).frame
+    w.teardown(conn)
+    wait_even = (even["t_send"] - even["t_enqueue"]).median()
+    wait_q = (queued["t_send"] - queued["t_enqueue"]).median()
+    service_q = (queued["t_recv"] - queued["t_send"]).median()
+    assert queued["pid"].nunique() == 2 and queued["runner"].nunique() == 8
+    # 8 runners on 2 connections: each request waits for ~3 others per connection
+    assert wait_q > 1.5 * service_q
+    assert wait_q > 20 * max(wait_even, 1000)
+
+
+def test_open_loop_rate(dsn: str, conn: Conn, tmp_path: Path) -> None:
+    conn.execute("drop table if exists pgtrace_insert")
+    out = tmp_path / "s.json"
+    res = _invoke(["--dsn", dsn, "--workload", "insert-bigint", "--runners", "4",
+                   "--rate", "200", "--duration", "2", "--summary-json", str(out), "--drop"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())
+    assert 360 <= s["requests"] <= 440 and s["errors"] == 0
+
+
+def test_open_loop_latency_from_intended_start(dsn: str, conn: Conn) -> None:
+    w = get_workload("insert-bigint")
+    conn.execute(f"drop table if exists {w.table}")
+    w.setup(conn)
+    # far more than one connection can do: requests fall behind their schedule
+    df = run_load(dsn, w, runners=1, connections=1, duration_s=None, count=2000,
+                  rate=1_000_000.0).frame
+    w.teardown(conn)
+    assert len(df) == 2000
+    lag = df["t_send"] - df["t_enqueue"]
+    assert lag.iloc[-1] > 100 * lag.iloc[0] + 1_000_000  # latency includes schedule lag
+
+
+def test_unreachable_server_is_one_line() -> None:
+    res = _invoke(["--dsn", "host=127.0.0.1 port=1 connect_timeout=2", "--duration", "1"])
+    assert res.exit_code == ServerError.exit_code
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pgtrace: cannot connect to PostgreSQL")
+
+
+def test_bad_credentials_is_one_line(dsn: str) -> None:
+    res = _invoke(["--dsn", dsn + " dbname=no_such_db_pgtrace", "--duration", "1"])
+    assert res.exit_code == ServerError.exit_code
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no_such_db_pgtrace" in lines[0]
+
+
+def test_table_with_another_shape(dsn: str, conn: Conn) -> None:
+    conn.execute("drop table if exists pgtrace_insert")
+    conn.execute("create table pgtrace_insert (id int primary key, note text)")
+    res = _invoke(["--dsn", dsn, "--workload", "insert-bigint", "--duration", "1"])
+    assert res.exit_code == ServerError.exit_code
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert "table pgtrace_insert exists with another shape" in lines[0]
+    assert "column id is integer, not bigint" in lines[0]
+    assert "column payload is missing" in lines[0]
+    # same columns, other sequence cache
+    conn.execute("drop table pgtrace_insert")
+    conn.execute("create table pgtrace_insert (id bigint generated always as identity "
+                 "(cache 7) primary key, payload text)")
+    with pytest.raises(ServerError, match="sequence cache is 7, not 1"):
+        get_workload("insert-bigint").setup(conn)
+    conn.execute("drop table pgtrace_insert")
+
+
+def test_server_kills_connections_mid_run(dsn: str, conn: Conn, tmp_path: Path) -> None:
+    conn.execute("drop table if exists pgtrace_insert")
+    out = tmp_path / "s.json"
+
+    def killer() -> None:
+        time.sleep(0.7)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("select pg_terminate_backend(pid) from pg_stat_activity"
+                      " where backend_type = 'client backend' and pid <> pg_backend_pid()"
+                      " and application_name = ''"
+                      " and query like 'insert into pgtrace_insert%'")
+
+    t = threading.Thread(target=killer)
+    t.start()
+    res = _invoke(["--dsn", dsn, "--workload", "insert-bigint", "--runners", "2",
+                   "--duration", "5", "--summary-json", str(out)])
+    t.join()
+    assert res.exit_code == ServerError.exit_code, res.output
+    assert "run stopped early" in res.output
+    s = json.loads(out.read_text())  # results so far are written
+    assert s["requests"] > 0 and s["errors"] >= 1 and s["duration_s"] < 4
+    conn.execute("drop table pgtrace_insert")
+
+
+def test_failing_requests_are_counted(dsn: str, conn: Conn, tmp_path: Path) -> None:
+    w = get_workload("insert-bigint")
+    conn.execute(f"drop table if exists {w.table}")
+    w.setup(conn)
+    conn.execute(f"alter table {w.table} add constraint short check (length(payload) < 10)")
+    out = tmp_path / "s.json"
+    res = _invoke(["--dsn", dsn, "--workload", "insert-bigint", "--runners", "3",
+                   "--connections", "2", "--count", "60", "--payload-bytes", "32",
+                   "--summary-json", str(out), "--drop"])
+    assert res.exit_code == ServerError.exit_code, res.output
+    assert "60 requests failed" in res.output and "short" in res.output
+    s = json.loads(out.read_text())
+    assert s["requests"] == 0 and s["errors"] == 60
