@@ -17,7 +17,7 @@ import pandas as pd
 from pgtrace import __version__
 from pgtrace.aggregate import concat, summary
 from pgtrace.collect.activity import locate_activity
-from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame
+from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, runq_frame
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
 from pgtrace.errors import TargetError, UsageError
@@ -49,6 +49,7 @@ class RunResult:
     summary: dict[str, Any]
     header: dict[str, Any]
     texts: dict[str, str] = field(default_factory=dict)
+    client_runq: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def resolve_targets(pids: list[int]) -> tuple[Target, list[int], bool]:
@@ -188,6 +189,7 @@ def run_attach(
             session.poll(0)
             convert()
             counters = session.counters()
+            client_runq = runq_frame(session.client_runq())
         finally:
             session.close()
     df = concat(frames)
@@ -198,28 +200,36 @@ def run_attach(
     header["duration_s"] = elapsed
     header["lost"] = counters.get("lost", 0)
     header["unmatched"] = counters.get("unmatched", 0)
-    return RunResult(target=target, frame=df, summary=summ, header=header, texts=fps.texts)
+    return RunResult(target=target, frame=df, summary=summ, header=header, texts=fps.texts,
+                     client_runq=client_runq)
 
 
 
 T = TypeVar("T")
 
 
-def trace_during(opts: AttachOptions, workload: Callable[[], T]) -> tuple[RunResult, T]:
-    """Run `workload` in a thread once the probes are attached; trace until it ends.
+def trace_during(
+    opts: AttachOptions, workload: Callable[[TraceSession], T]
+) -> tuple[RunResult, T]:
+    """Run `workload(session)` in a thread once the probes are attached; trace until it ends.
 
     The trace stops when the workload returns (or at opts.duration). A
     workload's exception is re-raised after the probes are detached.
     """
     ready = threading.Event()
     done = threading.Event()
+    sessions: list[TraceSession] = []
     out: list[T] = []
     err: list[BaseException] = []
 
+    def on_ready(session: TraceSession) -> None:
+        sessions.append(session)
+        ready.set()
+
     def body() -> None:
         try:
-            if ready.wait(120):
-                out.append(workload())
+            if ready.wait(120) and sessions:
+                out.append(workload(sessions[0]))
         except BaseException as exc:
             err.append(exc)
         finally:
@@ -228,10 +238,12 @@ def trace_during(opts: AttachOptions, workload: Callable[[], T]) -> tuple[RunRes
     worker = threading.Thread(target=body, daemon=True)
     worker.start()
     try:
-        result = run_attach(opts, on_ready=lambda _s: ready.set(), stop_when=done.is_set)
+        result = run_attach(opts, on_ready=on_ready, stop_when=done.is_set)
     finally:
         ready.set()
         worker.join()
     if err:
         raise err[0]
+    if not out:
+        raise UsageError("the workload did not start: tracing never became ready")
     return result, out[0]

@@ -191,6 +191,58 @@ def report(capture: str, fmt: str) -> None:
         render_text(df, summ, sys.stdout)
 
 
+RUN_EPILOG = """\b
+Examples:
+  sudo pgtrace run                                  # 40 runners, 10 s, throwaway cluster
+  sudo pgtrace run --workload insert-uuidv4 --runners 40 --connections 4
+  sudo pgtrace run --dsn 'host=/var/run/postgresql dbname=test' --duration 30 -o run.pgtrace
+  sudo pgtrace run --rate 5000 --summary-json run.json
+"""
+
+
+@cli.command(epilog=RUN_EPILOG)
+@click.option("--dsn", default=None,
+              help="A local server (libpq conninfo). Default: a private throwaway cluster.")
+@click.option("--workload", default="insert-bigint", show_default=True,
+              type=click.Choice(["insert-bigint", "insert-bigint-cache50", "insert-uuidv4",
+                                 "insert-uuidv7", "insert-ulid"]))
+@click.option("--runners", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--connections", type=click.IntRange(min=1), default=None,
+              help="Connections the runners share [default: runners].")
+@click.option("-d", "--duration", type=float, default=None, help="Seconds [default: 10].")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Requests to issue.")
+@click.option("--rate", type=float, default=None, help="Open loop at this many requests/s.")
+@click.option("--payload-bytes", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the capture (server and client columns, mode 0600) here.")
+@click.option("--summary-json", type=click.Path(dir_okay=False), help="Write the summary here.")
+@click.option("--query-text", is_flag=True, help="Keep query text in the capture.")
+@_errors_to_exit
+def run(dsn: str | None, workload: str, runners: int, connections: int | None,
+        duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
+        output: str | None, summary_json: str | None, query_text: bool) -> None:
+    """Run the built-in insert driver under the engine; split every client request end to end.
+
+    Buckets: client_queue (waiting for a free connection in the driver),
+    request_transit and server_wakeup (the backend waiting for a CPU after the
+    request arrived), the server buckets, response_transit and client_wakeup
+    (the driver waiting for a CPU after the answer arrived), unexplained.
+    """
+    from pgtrace.report.text import render_e2e, render_text
+    from pgtrace.run import RunOptions, run_profile
+
+    if duration is None and count is None:
+        duration = 10.0
+    out = run_profile(RunOptions(dsn=dsn, workload=workload, runners=runners,
+                                 connections=connections, duration=duration, count=count,
+                                 rate=rate, payload_bytes=payload_bytes, query_text=query_text))
+    header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
+    _write_outputs(out.frame, out.summary, header, output, summary_json)
+    click.echo(f"({out.cluster_note})")
+    render_e2e(out.frame, out.summary, sys.stdout)
+    render_text(out.trace.frame, out.trace.summary, sys.stdout)
+
+
 def _register_driver() -> None:
     """`pgtrace load` lives with the driver."""
     from pgtrace.driver.command import load

@@ -23,19 +23,16 @@ UPROBE_PMU = "/sys/bus/event_source/devices/uprobe/type"
 PSI_CPU = "/proc/pressure/cpu"
 SYSTEM_BCC = "/usr/lib/python3/dist-packages/bcc"
 
-TRACEPOINTS: tuple[str, ...] = (
-    "sched:sched_switch",
-    "sched:sched_wakeup",
-    "sched:sched_wakeup_new",
-    "sched:sched_process_fork",
-    "sched:sched_process_exit",
-    "syscalls:sys_enter_fdatasync",
-    "syscalls:sys_exit_fdatasync",
-    "syscalls:sys_enter_recvfrom",
-    "syscalls:sys_exit_recvfrom",
-    "syscalls:sys_enter_pwrite64",
-    "syscalls:sys_enter_openat",
-)
+def _probe_tracepoints() -> tuple[str, ...]:
+    """Every tracepoint the BPF programs in probes/ attach to (cat:name)."""
+    from pgtrace.collect.loader import iter_sources
+
+    found = {f"{cat}:{name}" for _file, text in iter_sources()
+             for cat, name in re.findall(r"TRACEPOINT_PROBE\((\w+),\s*(\w+)\)", text)}
+    return tuple(sorted(found))
+
+
+TRACEPOINTS: tuple[str, ...] = _probe_tracepoints()
 REQUIRED_PROBES: tuple[str, ...] = (
     "lwlock__wait__start",
     "lwlock__wait__done",

@@ -51,6 +51,7 @@ COUNTERS: tuple[str, ...] = (
     "badarg",
     "retried",
     "deferred",
+    "client_lost",
 )
 
 #: Wait contexts (CTX_* in pgtrace.h), naming the runqueue:<context> columns:
@@ -81,3 +82,14 @@ COUNTS: tuple[str, ...] = (
 
 LWLOCK_PREFIX = "lwlock:"
 LOCK_PREFIX = "lock:"
+
+#: End-to-end buckets of a driver request (client latency), in report order.
+E2E_BUCKETS: tuple[str, ...] = (
+    "client_queue",
+    "request_transit",
+    "server_wakeup",
+    *SERVER_BUCKETS,
+    "response_transit",
+    "client_wakeup",
+    UNEXPLAINED,
+)

@@ -31,6 +31,9 @@
 #ifndef WAL_FLUSH_IS_FSYNC
 #define WAL_FLUSH_IS_FSYNC 0      /* wal_sync_method fsync: the flush is fsync(), not fdatasync() */
 #endif
+#ifndef CLIENT_RINGBUF_PAGES
+#define CLIENT_RINGBUF_PAGES 256
+#endif
 #ifndef MAX_TASKS
 #define MAX_TASKS 16384
 #endif
@@ -78,7 +81,8 @@
 #define C_BADARG 6        /* a USDT site whose argument spec was unknown */
 #define C_RETRIED 7       /* a record written on the second try */
 #define C_DEFERRED 8      /* a record handed over through the `deferred` map */
-#define NCOUNTERS 9
+#define C_CLIENT_LOST 9   /* a driver run-queue wait the ring buffer refused */
+#define NCOUNTERS 10
 
 #define NLW 4             /* LWLock tranches kept per request; more go to lw_other_ns */
 #define NLOCKTYPES 12     /* LockTagType values (storage/lock.h), the last one = other */
@@ -118,6 +122,14 @@ struct req_event {
 	char query[QUERY_LEN];
 };
 
+/* A run-queue wait of a driver (client) thread: [start, end). */
+struct runq_event {
+	u64 start;
+	u64 end;
+	u32 pid;
+	u32 pad;
+};
+
 struct ctx_entry {
 	u64 tranche;
 	u8 kind;
@@ -138,7 +150,8 @@ struct task_state {
 	u8 overflow;
 	u8 opening_wal;       /* 1: opening a WAL segment, 2: a new one (xlogtemp.*) */
 	u8 ending;            /* inside ReadyForQuery: its send ends the request */
-	u8 pad[6];
+	u8 is_client;         /* a driver thread: report its run-queue waits */
+	u8 pad[5];
 	struct ctx_entry stack[MAXDEPTH];
 	struct req_event acc;
 };
@@ -163,10 +176,12 @@ BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 BPF_ARRAY(zero_state, struct task_state, 1);
 BPF_HASH(usdt_args, struct argkey, struct argspec, 1024);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(client_runq, CLIENT_RINGBUF_PAGES);
 /* records the ring buffer refused: pgtrace reads and deletes them, key pid<<32|seq */
 BPF_HASH(deferred, u64, struct req_event, 1024);
 /* never written: lets the loader compare bcc's layout with events.py */
 BPF_ARRAY(layout_req_event, struct req_event, 1);
+BPF_ARRAY(layout_runq_event, struct runq_event, 1);
 
 static __always_inline void bump(u32 idx)
 {

@@ -2,8 +2,8 @@
  * request.bpf.c: request boundaries for both protocols and the backends' lives.
  *
  * A request runs from the receipt of its first bytes (recvfrom returning data
- * while the backend is idle after ReadyForQuery) to the send, inside the
- * ReadyForQuery that answers it, that flushes its 'Z' message.  In
+ * while the backend is idle after ReadyForQuery) to the start of the send,
+ * inside the ReadyForQuery that answers it, that flushes its 'Z' message.  In
  * pipeline mode the next request's bytes are already buffered: it starts when
  * the previous request's answer is sent.  Records are written without wake-ups:
  * pgtrace reads the ring buffer on a timer (pgtrace/collect/ringbuf.py).
@@ -102,16 +102,14 @@ int on_ready_for_query(struct pt_regs *ctx)
 }
 
 /*
- * The send inside ReadyForQuery ends the request: the client can have its
- * answer from then on (and may preempt the backend to read it, which is no
- * longer the request's time).
+ * The send inside ReadyForQuery ends the request as it starts: from then on
+ * the client can have its answer (a woken client may even read it before the
+ * send returns, or preempt the backend inside it), so what follows is the
+ * response's transit, not the request's time.
  */
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 {
-	struct task_state *st;
-	if (args->ret <= 0)
-		return 0;
-	st = current_state();
+	struct task_state *st = current_state();
 	if (!st || !st->ending)
 		return 0;
 	st->ending = 0;

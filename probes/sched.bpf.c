@@ -5,6 +5,7 @@
  * a task switched out while runnable (preempted, prev_state 0 or the
  * TASK_REPORT_MAX "R+" bit) waits in the run queue; any other state blocks.
  * sched_wakeup ends a block; the next switch-in ends the run-queue wait.
+ * Driver threads (is_client) report each run-queue wait as an interval.
  */
 #include "pgtrace.h"
 
@@ -32,8 +33,14 @@ TRACEPOINT_PROBE(sched, sched_switch)
 	st = tasks.lookup(&next);
 	if (st) {
 		charge(st, now);
-		if (st->mode == MODE_RUNQ && st->wake_ts && now > st->wake_ts)
+		if (st->mode == MODE_RUNQ && st->wake_ts && now > st->wake_ts) {
 			st->wake_runq_ns = now - st->wake_ts;
+			if (st->is_client) {
+				struct runq_event ev = {.start = st->wake_ts, .end = now, .pid = next};
+				if (client_runq.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) != 0)
+					bump(C_CLIENT_LOST);
+			}
+		}
 		st->mode = MODE_ONCPU;
 	}
 	return 0;

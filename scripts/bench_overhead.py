@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from functools import partial
 
 from pgtrace.attach import AttachOptions, trace_during
 from pgtrace.cluster import start_cluster
@@ -62,7 +61,7 @@ def main() -> int:
         for i in range(args.pairs):
             plain.append(run_pgbench(*bench))
             opts = AttachOptions(pids=[c.postmaster_pid], duration=args.seconds + 30)
-            res, measured = trace_during(opts, partial(run_pgbench, *bench))
+            res, measured = trace_during(opts, lambda _s: run_pgbench(*bench))
             traced.append(measured)
             print(f"pair {i + 1}: untraced {plain[-1][0]:8.0f} tps p99 {plain[-1][1]:6.2f} ms | "
                   f"traced {traced[-1][0]:8.0f} tps p99 {traced[-1][1]:6.2f} ms "

@@ -11,7 +11,6 @@ import argparse
 import os
 import subprocess
 import sys
-from functools import partial
 
 from pgtrace.attach import AttachOptions, trace_during
 from pgtrace.cluster import start_cluster
@@ -58,7 +57,7 @@ def main() -> int:
             print(f"\n== pgbench single-row insert, {clients} clients, {args.seconds} s")
             opts = AttachOptions(pids=[cluster.postmaster_pid], duration=args.seconds + 30)
             result, tps = trace_during(
-                opts, partial(pgbench, cluster.bin_dir, dsn, clients, args.seconds, script)
+                opts, lambda _s: pgbench(cluster.bin_dir, dsn, clients, args.seconds, script)
             )
             print(f"pgbench: {tps}")
             render_text(result.frame, result.summary, sys.stdout)

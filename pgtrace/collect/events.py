@@ -47,6 +47,17 @@ def req_event_type(query_len: int = DEFAULT_QUERY_LEN) -> type[ct.Structure]:
     return type("ReqEvent", (ct.Structure,), {"_fields_": fields})
 
 
+class RunqEvent(ct.Structure):
+    """struct runq_event: one run-queue wait of a driver thread."""
+
+    _fields_ = [
+        ("start", ct.c_uint64),
+        ("end", ct.c_uint64),
+        ("pid", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
 class ArgKey(ct.Structure):
     """struct argkey: a USDT site's runtime address and argument number."""
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from pgtrace.collect.events import event_dtype
+from pgtrace.collect.events import RunqEvent, event_dtype
 from pgtrace.fingerprint import fingerprint, normalize
 from pgtrace.model import (
     CONTEXTS,
@@ -151,3 +151,13 @@ def _lwlock_columns(a: np.ndarray, tranches: Callable[[int], str]) -> dict[str, 
     if other.any():
         out[LWLOCK_PREFIX + "other"] = out.get(LWLOCK_PREFIX + "other", 0) + other
     return out
+
+
+def runq_frame(raw: bytes) -> pd.DataFrame:
+    """Driver run-queue waits (concatenated struct runq_event) as client_tid, start, end."""
+    a = np.frombuffer(raw, dtype=np.dtype(RunqEvent))
+    return pd.DataFrame({
+        "client_tid": a["pid"].astype(np.int64),
+        "start": a["start"].astype(np.int64),
+        "end": a["end"].astype(np.int64),
+    })

@@ -52,6 +52,9 @@ REQUIRED_USDT = ("lwlock__wait__start", "lwlock__wait__done")
 
 BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1
 
+#: Pages of the driver run-queue ring buffer (CLIENT_RINGBUF_PAGES in pgtrace.h).
+CLIENT_RINGBUF_PAGES = 256
+
 
 def import_bcc() -> Any:
     """bcc's module, or a clear error naming the package."""
@@ -125,6 +128,7 @@ class ProgramConfig:
             f"-DPOSTMASTER_PID={self.postmaster_pid}",
             f"-DQUERY_LEN={self.query_len}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+            f"-DCLIENT_RINGBUF_PAGES={CLIENT_RINGBUF_PAGES}",
             f"-DSTATE_RUNNING={self.state_running}",
             f"-DWAL_WRITE_IS_SYNC={int(self.wal_write_is_sync)}",
             f"-DWAL_FLUSH_IS_FSYNC={int(self.wal_flush_is_fsync)}",

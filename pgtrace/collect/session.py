@@ -10,8 +10,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pgtrace.collect.events import event_dtype
+from pgtrace.collect.events import RunqEvent, event_dtype
 from pgtrace.collect.loader import (
+    CLIENT_RINGBUF_PAGES,
     Attachment,
     ProgramConfig,
     attach_all,
@@ -57,8 +58,10 @@ class TraceSession:
     follow_forks: bool = True
     config: ProgramConfig = field(default_factory=ProgramConfig)
     chunks: list[bytes] = field(default_factory=list)
+    client_chunks: list[bytes] = field(default_factory=list)
     _att: Attachment | None = None
     _ring: RingReader | None = None
+    _client_ring: RingReader | None = None
     _pending: int = 0
 
     def start(self) -> None:
@@ -84,6 +87,11 @@ class TraceSession:
                 cfg.ringbuf_pages * mmap.PAGESIZE,
                 event_dtype(cfg.query_len).itemsize,
             )
+            self._client_ring = RingReader(
+                bpf["client_runq"].map_fd,
+                CLIENT_RINGBUF_PAGES * mmap.PAGESIZE,
+                ct.sizeof(RunqEvent),
+            )
         except BaseException:
             self.close()
             raise
@@ -98,13 +106,33 @@ class TraceSession:
                 continue
             leaf = tasks.Leaf()
             leaf.wal_fd = wal_fd_of(pid)
+            leaf.init_fd = -1
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
             tasks[key] = leaf
+
+    def add_client_pids(self, pids: Iterable[int]) -> None:
+        """Driver threads: their run-queue waits are reported as intervals."""
+        assert self._att is not None
+        tasks = self._att.bpf["tasks"]
+        for pid in pids:
+            leaf = tasks.Leaf()
+            leaf.wal_fd = leaf.init_fd = -1
+            leaf.is_client = 1
+            leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
+            tasks[tasks.Key(pid)] = leaf
+
+    def client_runq(self) -> bytes:
+        """Driver run-queue intervals read so far (concatenated struct runq_event)."""
+        return b"".join(self.client_chunks)
 
     def poll(self, timeout_ms: int = 100) -> None:
         """Wait timeout_ms (records are not signalled), then read the ring buffer."""
         if timeout_ms > 0:
             time.sleep(timeout_ms / 1000)
+        if self._client_ring is not None:
+            runq = self._client_ring.read()
+            if runq:
+                self.client_chunks.append(runq)
         if self._ring is not None:
             chunk = self._ring.read() + self._read_deferred()
             if chunk:
@@ -155,9 +183,10 @@ class TraceSession:
 
     def close(self) -> None:
         """Detach everything; idempotent."""
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        for ring in (self._ring, self._client_ring):
+            if ring is not None:
+                ring.close()
+        self._ring = self._client_ring = None
         if self._att is not None:
             self._att.detach()
             self._att = None

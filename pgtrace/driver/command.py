@@ -55,13 +55,15 @@ def _print_progress(p: Progress) -> None:
               help="Write the summary as JSON here.")
 @click.option("--drop", is_flag=True, help="Drop the workload's table at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No live progress line.")
+@click.option("--frame-out", hidden=True, type=click.Path(dir_okay=False),
+              help="Write the per-request frame (Parquet) here, for `pgtrace run`.")
 def load(dsn: str, workload_name: str, runners: int, connections: int | None,
          duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-         summary_json: str | None, drop: bool, quiet: bool) -> None:
+         summary_json: str | None, drop: bool, quiet: bool, frame_out: str | None) -> None:
     """Run a single-row insert workload and time every request on the client."""
     try:
         _load(dsn, workload_name, runners, connections, duration, count, rate, payload_bytes,
-              summary_json, drop, quiet)
+              summary_json, drop, quiet, frame_out)
     except PgtraceError as exc:
         click.echo(exc.line(), err=True)
         sys.exit(exc.exit_code)
@@ -69,7 +71,7 @@ def load(dsn: str, workload_name: str, runners: int, connections: int | None,
 
 def _load(dsn: str, workload_name: str, runners: int, connections: int | None,
           duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-          summary_json: str | None, drop: bool, quiet: bool) -> None:
+          summary_json: str | None, drop: bool, quiet: bool, frame_out: str | None) -> None:
     if duration is None and count is None:
         duration = 10.0
     workload = get_workload(workload_name, payload_bytes)
@@ -87,6 +89,8 @@ def _load(dsn: str, workload_name: str, runners: int, connections: int | None,
             except (PgtraceError, psycopg.Error):
                 click.echo(f"pgtrace: could not drop {workload.table}", err=True)
     summary = load_summary(result.frame, result.duration_s)
+    if frame_out:
+        result.frame.assign(duration_s=result.duration_s).to_parquet(frame_out, index=False)
     if summary_json:
         with open(summary_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgtrace.aggregate import bucket_table, wait_table
+from pgtrace.e2e import e2e_table
 from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX, RUNQUEUE_PREFIX
 
 
@@ -77,3 +78,30 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> No
             t.add_row(str(w["name"]), fmt_ns(w["total_ns"]), f"{w['share'] * 100:.1f}%",
                       str(w["requests"]))
         con.print(t)
+
+
+def render_e2e(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> None:
+    """The end-to-end table of a driver run and what explains its p99."""
+    con = Console(file=stream, width=99, force_terminal=False, color_system=None)
+    lat = summary["client_latency_ns"]
+    con.print(
+        f"{summary['requests']} client requests, {summary['errors']} errors, "
+        f"{summary['tps']:.0f}/s; matched to server records: {len(df)}, "
+        f"unmatched: {summary['unmatched']}"
+    )
+    con.print(
+        f"client latency: mean {fmt_ns(lat['mean'])}, p50 {fmt_ns(lat['p50'])}, "
+        f"p99 {fmt_ns(lat['p99'])}, max {fmt_ns(lat['max'])}"
+    )
+    shares = summary["p99_shares"]
+    table = Table(title="Where the client's time went (end to end)", title_justify="left")
+    for col in ("bucket", "total", "share", "p50", "p99", "share>p99"):
+        table.add_column(col, justify="left" if col == "bucket" else "right")
+    for row in e2e_table(df).to_dict("records"):
+        name = str(row["bucket"])
+        table.add_row(name, fmt_ns(row["total_ns"]), f"{row['share'] * 100:.1f}%",
+                      fmt_ns(row["p50_ns"]), fmt_ns(row["p99_ns"]),
+                      f"{shares.get(name, 0.0) * 100:.1f}%")
+    con.print(table)
+    top = sorted(shares.items(), key=lambda kv: -kv[1])[:3]
+    con.print("what explains the p99: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in top))

@@ -1,0 +1,119 @@
+"""`pgtrace run`: the built-in driver and the engine together, joined request by request."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import psycopg
+
+from pgtrace.attach import AttachOptions, RunResult, trace_during
+from pgtrace.cluster import start_cluster
+from pgtrace.collect.session import TraceSession
+from pgtrace.driver.summary import load_summary
+from pgtrace.driver.workloads import get_workload
+from pgtrace.e2e import e2e_frame, e2e_summary, join_requests
+from pgtrace.errors import ServerError
+from pgtrace.target import find_target
+
+
+@dataclass
+class RunOptions:
+    """A driver workload to profile, and where."""
+
+    dsn: str | None = None
+    workload: str = "insert-bigint"
+    runners: int = 40
+    connections: int | None = None
+    duration: float | None = 10.0
+    count: int | None = None
+    rate: float | None = None
+    payload_bytes: int = 0
+    query_text: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunOutcome:
+    """The joined requests, the engine's result and the run summary."""
+
+    frame: pd.DataFrame
+    trace: RunResult
+    summary: dict[str, Any]
+    cluster_note: str
+
+
+@contextlib.contextmanager
+def _server(dsn: str | None) -> Iterator[tuple[str, str]]:
+    """(dsn, note): the given server, or a private throwaway cluster removed afterwards."""
+    if dsn is not None:
+        yield dsn, "given server"
+        return
+    with start_cluster() as cluster:
+        yield cluster.dsn, f"private throwaway cluster at {cluster.data_dir} (removed)"
+
+
+def _postmaster_of(dsn: str) -> int:
+    """The postmaster behind a DSN (the server must run on this machine)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            backend = conn.info.backend_pid
+        return find_target(backend).postmaster_pid
+    except psycopg.Error as exc:
+        raise ServerError(f"cannot connect to PostgreSQL: {exc}".splitlines()[0]) from None
+
+
+def _driver_command(opts: RunOptions, dsn: str, frame_out: str) -> list[str]:
+    cmd = [sys.executable, "-m", "pgtrace", "load", "--dsn", dsn, "--workload", opts.workload,
+           "--runners", str(opts.runners), "--payload-bytes", str(opts.payload_bytes),
+           "--frame-out", frame_out]
+    for flag, value in (("--connections", opts.connections), ("--duration", opts.duration),
+                        ("--count", opts.count), ("--rate", opts.rate)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if not opts.progress:
+        cmd.append("--quiet")
+    return cmd
+
+
+def run_profile(opts: RunOptions) -> RunOutcome:
+    """Trace the cluster while the driver runs in a child process; join and split."""
+    with _server(opts.dsn) as (dsn, note), tempfile.TemporaryDirectory() as tmp:
+        postmaster = _postmaster_of(dsn)
+        workload = get_workload(opts.workload, opts.payload_bytes)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            workload.setup(conn)
+        frame_out = os.path.join(tmp, "client.parquet")
+
+        def drive(session: TraceSession) -> tuple[int, int]:
+            child = subprocess.Popen(_driver_command(opts, dsn, frame_out),
+                                     stdin=subprocess.DEVNULL)
+            session.add_client_pids([child.pid])
+            return child.wait(), child.pid
+
+        trace, (code, child_pid) = trace_during(
+            AttachOptions(pids=[postmaster], query_text=opts.query_text), drive
+        )
+        if not os.path.exists(frame_out):
+            raise ServerError(f"the driver failed (exit {code}) before writing its results")
+        client = pd.read_parquet(frame_out)
+    duration = float(client["duration_s"].iloc[0]) if len(client) else 0.0
+    client = client.drop(columns=["duration_s"]).assign(client_tid=child_pid)
+    joined, unmatched = join_requests(client, trace.frame)
+    frame = e2e_frame(joined, trace.client_runq)
+    summary: dict[str, Any] = load_summary(client, duration)
+    engine = dict(trace.summary)
+    engine["unmatched_waits"] = engine.pop("unmatched")
+    engine["server_requests"] = engine.pop("requests")
+    summary.update({k: v for k, v in engine.items() if k not in summary})
+    summary["unmatched"] = unmatched
+    summary.update(e2e_summary(frame))
+    summary["driver_exit"] = code
+    return RunOutcome(frame=frame, trace=trace, summary=summary, cluster_note=note)
