@@ -33,7 +33,7 @@ def runqueue_line(df: pd.DataFrame) -> str:
     if not cols or total <= 0:
         return ""
     parts = sorted(((int(df[c].sum()), str(c)[len(RUNQUEUE_PREFIX):]) for c in cols), reverse=True)
-    shown = [f"{name} {ns / total * 100:.0f}%" for ns, name in parts if ns > 0]
+    shown = [f"{name} {ns / total * 100:.0f}%" for ns, name in parts if ns * 100 >= total]
     return "runqueue by context it interrupted: " + ", ".join(shown)
 
 
