@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from pgtrace import __version__
-from pgtrace.errors import PgtraceError
+from pgtrace.errors import PgtraceError, ServerError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -213,6 +213,8 @@ Examples:
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Requests to issue.")
 @click.option("--rate", type=float, default=None, help="Open loop at this many requests/s.")
 @click.option("--payload-bytes", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Driver processes sharing the runners (when one cannot keep up).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the capture (server and client columns, mode 0600) here.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="Write the summary here.")
@@ -220,7 +222,7 @@ Examples:
 @_errors_to_exit
 def run(dsn: str | None, workload: str, runners: int, connections: int | None,
         duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-        output: str | None, summary_json: str | None, query_text: bool) -> None:
+        workers: int, output: str | None, summary_json: str | None, query_text: bool) -> None:
     """Run the built-in insert driver under the engine; split every client request end to end.
 
     Buckets: client_queue (waiting for a free connection in the driver),
@@ -235,12 +237,18 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
         duration = 10.0
     out = run_profile(RunOptions(dsn=dsn, workload=workload, runners=runners,
                                  connections=connections, duration=duration, count=count,
-                                 rate=rate, payload_bytes=payload_bytes, query_text=query_text))
+                                 rate=rate, payload_bytes=payload_bytes, query_text=query_text,
+                                 workers=workers))
     header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
     _write_outputs(out.frame, out.summary, header, output, summary_json)
     click.echo(f"({out.cluster_note})")
     render_e2e(out.frame, out.summary, sys.stdout)
     render_text(out.trace.frame, out.trace.summary, sys.stdout)
+    if out.driver_exit:
+        raise ServerError(
+            f"the driver stopped with exit {out.driver_exit} (see its message above); "
+            "the results so far are written"
+        )
 
 
 def _register_driver() -> None:

@@ -38,6 +38,7 @@ class RunOptions:
     payload_bytes: int = 0
     query_text: bool = False
     progress: bool = True
+    workers: int = 1
 
 
 @dataclass
@@ -48,6 +49,7 @@ class RunOutcome:
     trace: RunResult
     summary: dict[str, Any]
     cluster_note: str
+    driver_exit: int = 0
 
 
 @contextlib.contextmanager
@@ -70,17 +72,32 @@ def _postmaster_of(dsn: str) -> int:
         raise ServerError(f"cannot connect to PostgreSQL: {exc}".splitlines()[0]) from None
 
 
-def _driver_command(opts: RunOptions, dsn: str, frame_out: str) -> list[str]:
-    cmd = [sys.executable, "-m", "pgtrace", "load", "--dsn", dsn, "--workload", opts.workload,
-           "--runners", str(opts.runners), "--payload-bytes", str(opts.payload_bytes),
-           "--frame-out", frame_out]
-    for flag, value in (("--connections", opts.connections), ("--duration", opts.duration),
-                        ("--count", opts.count), ("--rate", opts.rate)):
-        if value is not None:
-            cmd += [flag, str(value)]
-    if not opts.progress:
-        cmd.append("--quiet")
-    return cmd
+def split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` near-equal shares, largest first."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def driver_commands(opts: RunOptions, dsn: str, frame_outs: list[str]) -> list[list[str]]:
+    """One `pgtrace load` command line per worker process, sharing the load."""
+    k = len(frame_outs)
+    runners = split(opts.runners, k)
+    conns = split(opts.connections, k) if opts.connections is not None else runners
+    counts = split(opts.count, k) if opts.count is not None else [None] * k
+    cmds = []
+    for i, out in enumerate(frame_outs):
+        cmd = [sys.executable, "-m", "pgtrace", "load", "--dsn", dsn,
+               "--workload", opts.workload, "--runners", str(runners[i]),
+               "--connections", str(conns[i]), "--payload-bytes", str(opts.payload_bytes),
+               "--frame-out", out]
+        for flag, value in (("--duration", opts.duration), ("--count", counts[i]),
+                            ("--rate", opts.rate / k if opts.rate else None)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if not opts.progress or i > 0:
+            cmd.append("--quiet")
+        cmds.append(cmd)
+    return cmds
 
 
 def run_profile(opts: RunOptions) -> RunOutcome:
@@ -90,22 +107,28 @@ def run_profile(opts: RunOptions) -> RunOutcome:
         workload = get_workload(opts.workload, opts.payload_bytes)
         with psycopg.connect(dsn, autocommit=True) as conn:
             workload.setup(conn)
-        frame_out = os.path.join(tmp, "client.parquet")
+        workers = max(1, min(opts.workers, opts.runners))
+        if opts.connections is not None:
+            workers = min(workers, opts.connections)
+        outs = [os.path.join(tmp, f"client{i}.parquet") for i in range(workers)]
 
-        def drive(session: TraceSession) -> tuple[int, int]:
-            child = subprocess.Popen(_driver_command(opts, dsn, frame_out),
-                                     stdin=subprocess.DEVNULL)
-            session.add_client_pids([child.pid])
-            return child.wait(), child.pid
+        def drive(session: TraceSession) -> list[tuple[int, int]]:
+            children = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+                        for cmd in driver_commands(opts, dsn, outs)]
+            session.add_client_pids([c.pid for c in children])
+            return [(c.wait(), c.pid) for c in children]
 
-        trace, (code, child_pid) = trace_during(
+        trace, exits = trace_during(
             AttachOptions(pids=[postmaster], query_text=opts.query_text), drive
         )
-        if not os.path.exists(frame_out):
+        frames = [pd.read_parquet(out).assign(client_tid=pid)
+                  for out, (_code, pid) in zip(outs, exits, strict=True) if os.path.exists(out)]
+        code = next((c for c, _pid in exits if c != 0), 0)
+        if not frames:
             raise ServerError(f"the driver failed (exit {code}) before writing its results")
-        client = pd.read_parquet(frame_out)
-    duration = float(client["duration_s"].iloc[0]) if len(client) else 0.0
-    client = client.drop(columns=["duration_s"]).assign(client_tid=child_pid)
+    client = pd.concat(frames, ignore_index=True)
+    duration = max(float(f["duration_s"].iloc[0]) for f in frames if len(f)) if len(client) else 0.0
+    client = client.drop(columns=["duration_s"])
     joined, unmatched = join_requests(client, trace.frame)
     frame = e2e_frame(joined, trace.client_runq)
     summary: dict[str, Any] = load_summary(client, duration)
@@ -116,4 +139,5 @@ def run_profile(opts: RunOptions) -> RunOutcome:
     summary["unmatched"] = unmatched
     summary.update(e2e_summary(frame))
     summary["driver_exit"] = code
-    return RunOutcome(frame=frame, trace=trace, summary=summary, cluster_note=note)
+    return RunOutcome(frame=frame, trace=trace, summary=summary, cluster_note=note,
+                      driver_exit=code)
