@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from typing import Any
 
 import click
@@ -11,6 +12,7 @@ import psycopg
 
 from pgtrace.driver.runner import Progress, run_load, server_error_line
 from pgtrace.driver.summary import load_summary
+from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
 from pgtrace.driver.workloads import WORKLOADS, get_workload
 from pgtrace.errors import PgtraceError, ServerError
 
@@ -55,18 +57,58 @@ def _print_progress(p: Progress) -> None:
               help="Write the summary as JSON here.")
 @click.option("--drop", is_flag=True, help="Drop the workload's table at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No live progress line.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Driver processes sharing the runners (when one cannot keep up).")
 @click.option("--frame-out", hidden=True, type=click.Path(dir_okay=False),
               help="Write the per-request frame (Parquet) here, for `pgtrace run`.")
 def load(dsn: str, workload_name: str, runners: int, connections: int | None,
          duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-         summary_json: str | None, drop: bool, quiet: bool, frame_out: str | None) -> None:
+         summary_json: str | None, drop: bool, quiet: bool, workers: int,
+         frame_out: str | None) -> None:
     """Run a single-row insert workload and time every request on the client."""
     try:
+        if workers > 1:
+            _load_workers(LoadSpec(dsn=dsn, workload=workload_name, runners=runners,
+                                   connections=connections, duration=duration, count=count,
+                                   rate=rate, payload_bytes=payload_bytes, progress=not quiet),
+                          workers, summary_json)
+            return
         _load(dsn, workload_name, runners, connections, duration, count, rate, payload_bytes,
               summary_json, drop, quiet, frame_out)
     except PgtraceError as exc:
         click.echo(exc.line(), err=True)
         sys.exit(exc.exit_code)
+
+
+def _load_workers(spec: LoadSpec, workers: int, summary_json: str | None) -> None:
+    """The load split over worker processes; one summary over all of them."""
+    workload = get_workload(spec.workload, spec.payload_bytes)
+    with _connect_sync(spec.dsn) as conn:
+        workload.setup(conn)
+    with tempfile.TemporaryDirectory() as tmp:
+        frame, duration, code = join_workers(start_workers(spec, tmp, workers))
+    if frame.empty:
+        raise ServerError(f"the driver workers failed (exit {code}) before writing results")
+    summary = load_summary(frame, duration)
+    _write_summary(summary, summary_json)
+    _result_line(workload.name, summary)
+    if code:
+        raise ServerError(f"a driver worker stopped with exit {code}; the results so far are "
+                          "written")
+
+
+def _write_summary(summary: dict[str, Any], path: str | None) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+
+
+def _result_line(name: str, summary: dict[str, Any]) -> None:
+    c = summary["client_ns"]
+    click.echo(f"{name}: {summary['requests']} requests, {summary['errors']} errors, "
+               f"{summary['tps']:.0f} tps, p50 {c['p50'] / 1e6:.3f} ms, "
+               f"p99 {c['p99'] / 1e6:.3f} ms ({summary['duration_s']:.1f} s)")
 
 
 def _load(dsn: str, workload_name: str, runners: int, connections: int | None,
@@ -91,14 +133,8 @@ def _load(dsn: str, workload_name: str, runners: int, connections: int | None,
     summary = load_summary(result.frame, result.duration_s)
     if frame_out:
         result.frame.assign(duration_s=result.duration_s).to_parquet(frame_out, index=False)
-    if summary_json:
-        with open(summary_json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-    c = summary["client_ns"]
-    click.echo(f"{workload.name}: {summary['requests']} requests, {summary['errors']} errors, "
-               f"{summary['tps']:.0f} tps, p50 {c['p50'] / 1e6:.3f} ms, "
-               f"p99 {c['p99'] / 1e6:.3f} ms ({summary['duration_s']:.1f} s)")
+    _write_summary(summary, summary_json)
+    _result_line(workload.name, summary)
     for line in result.first_errors[1:]:
         click.echo(f"  error: {line}", err=True)
     if result.fatal:
