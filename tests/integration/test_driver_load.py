@@ -183,3 +183,38 @@ def test_failing_requests_are_counted(dsn: str, conn: Conn, tmp_path: Path) -> N
     assert "60 requests failed" in res.output and "short" in res.output
     s = json.loads(out.read_text())
     assert s["requests"] == 0 and s["errors"] == 60
+
+
+def test_server_restart_mid_run(tmp_path: Path) -> None:
+    """A server that restarts under the load: one clear line, results so far written."""
+    from pgtrace.cluster import start_cluster
+
+    with start_cluster() as cluster:
+        out = tmp_path / "s.json"
+        restarted = threading.Event()
+
+        def restart() -> None:
+            deadline = time.monotonic() + 30
+            with psycopg.connect(cluster.dsn, autocommit=True) as c:
+                # wait until the load has inserted rows, then restart under it
+                while time.monotonic() < deadline:
+                    row = c.execute("select to_regclass('pgtrace_insert')").fetchone()
+                    if row and row[0] and c.execute(
+                        "select count(*) > 100 from pgtrace_insert"
+                    ).fetchone() == (True,):
+                        break
+            cluster.restart()
+            restarted.set()
+
+        t = threading.Thread(target=restart)
+        t.start()
+        res = _invoke(["--dsn", cluster.dsn, "--runners", "4", "--duration", "20",
+                       "--summary-json", str(out)])
+        t.join()
+        assert restarted.is_set()
+        assert res.exit_code == ServerError.exit_code, res.output
+        err = [ln for ln in res.output.splitlines() if ln.startswith("pgtrace:")]
+        assert len(err) == 1 and "stopped early" in err[0], res.output
+        s = json.loads(out.read_text())
+        assert s["requests"] > 100
+        assert s["duration_s"] < 20
