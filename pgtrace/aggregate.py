@@ -128,3 +128,51 @@ def interval_line(df: pd.DataFrame, seconds: float) -> dict[str, Any]:
         "p99_ns": _int(df["server_ns"].quantile(0.99)) if len(df) else 0,
         "shares": shares,
     }
+
+
+def per_fingerprint(df: pd.DataFrame, top: int = 50) -> list[dict[str, Any]]:
+    """Per query fingerprint: requests, server time stats and bucket sums, largest first."""
+    if df.empty or "fingerprint" not in df:
+        return []
+    out: list[dict[str, Any]] = []
+    for fp, g in df.groupby("fingerprint", sort=False):
+        out.append({
+            "fingerprint": str(fp),
+            "requests": len(g),
+            "server_ns": stats(g["server_ns"]),
+            "buckets_ns": {b: int(g[b].sum()) for b in REPORT_BUCKETS},
+        })
+    out.sort(key=lambda r: -int(r["server_ns"]["sum"]))
+    return out[:top]
+
+
+def per_second(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per second of the run (by request end): requests, server time p50/p99, bucket sums."""
+    if df.empty:
+        return []
+    t0 = int(df["t_start"].min())
+    sec = (df["t_end"] - t0) // 1_000_000_000
+    out = []
+    for s, g in df.groupby(sec, sort=True):
+        st = stats(g["server_ns"])
+        out.append({
+            "second": int(s),
+            "requests": len(g),
+            "server_ns": {"mean": st["mean"], "p50": st["p50"], "p99": st["p99"],
+                          "max": st["max"]},
+            "buckets_ns": {b: int(g[b].sum()) for b in REPORT_BUCKETS},
+        })
+    return out
+
+
+def compare_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Bucket by bucket, side by side: mean ns per request and share, one pair per run."""
+    rows = []
+    for b in REPORT_BUCKETS:
+        row: dict[str, Any] = {"bucket": b}
+        for name, df in frames.items():
+            total = int(df["server_ns"].sum()) if len(df) else 0
+            row[f"{name} mean_ns"] = float(df[b].mean()) if len(df) else 0.0
+            row[f"{name} share"] = int(df[b].sum()) / total if total else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -164,31 +164,22 @@ def _write_outputs(frame: Any, summary: dict[str, Any], header: dict[str, Any],
 REPORT_EPILOG = """\b
 Examples:
   pgtrace report run.pgtrace
-  pgtrace report run.pgtrace --format json > summary.json
+  pgtrace report run.pgtrace --format json > report.json   # + per fingerprint, per second
+  pgtrace report run.pgtrace --format csv > requests.csv    # one row per request
+  pgtrace report bigint.pgtrace uuidv4.pgtrace              # side by side, bucket by bucket
 """
 
 
 @cli.command(epilog=REPORT_EPILOG)
-@click.argument("capture")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+@click.argument("captures", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text",
               show_default=True)
 @_errors_to_exit
-def report(capture: str, fmt: str) -> None:
-    """Re-run the analysis of a capture offline (no root, no server)."""
-    import json
+def report(captures: tuple[str, ...], fmt: str) -> None:
+    """Re-run the analysis of one or more captures offline (no root, no server)."""
+    from pgtrace.report.offline import render_report
 
-    from pgtrace.aggregate import summary
-    from pgtrace.capture import read_capture
-    from pgtrace.report.text import render_text
-
-    df, header = read_capture(capture)
-    summ = summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
-                   duration_s=header.get("duration_s", 0.0))
-    if fmt == "json":
-        json.dump(summ, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        render_text(df, summ, sys.stdout)
+    render_report(list(captures), fmt, sys.stdout)
 
 
 RUN_EPILOG = """\b

@@ -217,3 +217,27 @@ def test_interval_line(df: pd.DataFrame) -> None:
     assert empty["requests"] == 0
     assert empty["mean_ns"] == 0
     assert all(v == 0.0 for v in empty["shares"].values())
+
+
+def test_per_fingerprint_and_per_second_add_up() -> None:
+    from pgtrace.aggregate import per_fingerprint, per_second
+
+    rng = np.random.default_rng(7)
+    n = 300
+    t_start = np.sort(rng.integers(0, 3_000_000_000, n)).astype(np.int64)
+    cpu = rng.integers(1_000, 50_000, n).astype(np.int64)
+    fsync = rng.integers(0, 200_000, n).astype(np.int64)
+    df = pd.DataFrame({"pid": 1, "t_start": t_start, "t_end": t_start + cpu + fsync,
+                       "server_ns": cpu + fsync, "fingerprint": rng.choice(["a", "b"], n)})
+    for b in REPORT_BUCKETS:
+        df[b] = 0
+    df["cpu"], df["fsync"] = cpu, fsync
+    fps = per_fingerprint(df)
+    assert {r["fingerprint"] for r in fps} == {"a", "b"}
+    assert sum(r["requests"] for r in fps) == n
+    assert sum(r["buckets_ns"]["fsync"] for r in fps) == int(fsync.sum())
+    assert fps[0]["server_ns"]["sum"] >= fps[1]["server_ns"]["sum"]
+    secs = per_second(df)
+    assert sum(r["requests"] for r in secs) == n
+    assert [r["second"] for r in secs] == sorted(r["second"] for r in secs)
+    assert sum(r["buckets_ns"]["cpu"] for r in secs) == int(cpu.sum())

@@ -1,0 +1,74 @@
+"""`pgtrace report`: captures back into summaries, tables, JSON and CSV."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TextIO
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from pgtrace.aggregate import compare_table, per_fingerprint, per_second, summary
+from pgtrace.capture import read_capture
+from pgtrace.errors import UsageError
+from pgtrace.report.text import fmt_ns, render_text
+
+
+def capture_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+    """The engine summary of a capture, from its rows and header."""
+    return summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
+                   duration_s=header.get("duration_s", 0.0))
+
+
+def json_report(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+    """Summary shape plus per-fingerprint and per-second sections."""
+    out = capture_summary(df, header)
+    texts = header.get("query_texts") or {}
+    fps = per_fingerprint(df)
+    for row in fps:
+        if row["fingerprint"] in texts:
+            row["query"] = texts[row["fingerprint"]]
+    out["per_fingerprint"] = fps
+    out["per_second"] = per_second(df)
+    return out
+
+
+def render_report(paths: list[str], fmt: str, stream: TextIO) -> None:
+    """One capture: its report in `fmt`. Several: side by side (text) or a list (json)."""
+    loaded = [(p, *read_capture(p)) for p in paths]
+    if fmt == "csv":
+        if len(loaded) != 1:
+            raise UsageError("--format csv takes one capture")
+        loaded[0][1].to_csv(stream, index=False)
+        return
+    if fmt == "json":
+        reports = [dict(json_report(df, h), capture=p) for p, df, h in loaded]
+        json.dump(reports[0] if len(reports) == 1 else reports, stream, indent=2)
+        stream.write("\n")
+        return
+    if len(loaded) == 1:
+        _p, df, header = loaded[0]
+        render_text(df, capture_summary(df, header), stream)
+        return
+    render_compare({p: df for p, df, _h in loaded}, stream)
+
+
+def render_compare(frames: dict[str, pd.DataFrame], stream: TextIO) -> None:
+    """Several runs, bucket by bucket: mean per request and share of server time."""
+    con = Console(file=stream, width=99, force_terminal=False, color_system=None)
+    names = {p: f"#{i + 1}" for i, p in enumerate(frames)}
+    for p, short in names.items():
+        df = frames[p]
+        con.print(f"{short} {p}: {len(df)} requests, mean server time "
+                  f"{fmt_ns(float(df['server_ns'].mean()) if len(df) else 0)}")
+    table = Table(title="Side by side: mean per request (share)", title_justify="left")
+    table.add_column("bucket")
+    for short in names.values():
+        table.add_column(short, justify="right")
+    cmp = compare_table({names[p]: df for p, df in frames.items()})
+    for row in cmp.to_dict("records"):
+        cells = [f"{fmt_ns(row[f'{s} mean_ns'])} ({row[f'{s} share'] * 100:.0f}%)"
+                 for s in names.values()]
+        table.add_row(str(row["bucket"]), *cells)
+    con.print(table)
