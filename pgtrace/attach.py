@@ -21,6 +21,7 @@ from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, run
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
 from pgtrace.errors import TargetError, UsageError
+from pgtrace.sampler import Sampler
 from pgtrace.settings import server_settings
 from pgtrace.target import Target, find_target
 
@@ -38,6 +39,8 @@ class AttachOptions:
     count: int | None = None
     query_text: bool = False
     query_len: int = 128
+    dsn: str | None = None          # for the timeline's server counters
+    sample_interval: float = 1.0
 
 
 @dataclass
@@ -161,9 +164,11 @@ def run_attach(
             frames.append(f)
             interval_frames.append(f)
 
+    sampler = Sampler(opts.dsn, opts.sample_interval)
     with _signals(stop):
         session.start()
         try:
+            sampler.start()
             t0 = time.monotonic()
             next_tick = t0 + opts.interval if opts.interval else None
             ticks = 0
@@ -190,13 +195,19 @@ def run_attach(
             convert()
             counters = session.counters()
             client_runq = runq_frame(session.client_runq())
+            checkpoints = session.checkpoints()
         finally:
+            sampler.stop()
             session.close()
     df = concat(frames)
     summ = summary(df, lost=counters.get("lost", 0), unmatched=counters.get("unmatched", 0),
                    duration_s=elapsed)
     header = _header(target, opts, wall0, counters, fps.texts)
     header["settings"] = settings
+    header["timeline"] = sampler.samples
+    header["checkpoints"] = checkpoints
+    if sampler.error:
+        header["timeline_error"] = sampler.error
     header["duration_s"] = elapsed
     header["lost"] = counters.get("lost", 0)
     header["unmatched"] = counters.get("unmatched", 0)

@@ -107,12 +107,15 @@ Examples:
               help="Write the summary as JSON here.")
 @click.option("--query-text", is_flag=True,
               help="Keep query text in the capture (default: fingerprints only).")
+@click.option("--dsn", default=None,
+              help="Connect here once a second for the timeline (pg_stat_wal, checkpointer "
+              "counters); without it only PSI is sampled.")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
 @click.argument("interval", type=float, required=False)
 @click.argument("count", type=int, required=False)
 @_errors_to_exit
 def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
-           summary_json: str | None, query_text: bool, ebpf: bool,
+           summary_json: str | None, query_text: bool, dsn: str | None, ebpf: bool,
            interval: float | None, count: int | None) -> None:
     """Trace a running cluster and split every request's server time into buckets.
 
@@ -133,7 +136,7 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
     from pgtrace.report.text import render_text
 
     opts = AttachOptions(pids=list(pids), duration=duration, interval=interval,
-                         count=count, query_text=query_text)
+                         count=count, query_text=query_text, dsn=dsn)
     printer = interval_printer(sys.stdout) if interval else None
 
     def ready(_session: Any) -> None:

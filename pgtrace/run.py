@@ -87,7 +87,7 @@ def run_profile(opts: RunOptions) -> RunOutcome:
             return join_workers(started)
 
         trace, (client, duration, code) = trace_during(
-            AttachOptions(pids=[postmaster], query_text=opts.query_text), drive
+            AttachOptions(pids=[postmaster], query_text=opts.query_text, dsn=dsn), drive
         )
     if client.empty and code:
         raise ServerError(f"the driver failed (exit {code}) before writing its results")

@@ -122,6 +122,13 @@ struct req_event {
 	char query[QUERY_LEN];
 };
 
+/* A checkpoint of the traced cluster: [start, end), end 0 while it runs. */
+struct checkpoint_span {
+	u64 start;
+	u64 end;
+};
+#define NCHECKPOINTS 64
+
 /* A run-queue wait of a driver (client) thread: [start, end). */
 struct runq_event {
 	u64 start;
@@ -182,6 +189,8 @@ BPF_HASH(deferred, u64, struct req_event, 1024);
 /* never written: lets the loader compare bcc's layout with events.py */
 BPF_ARRAY(layout_req_event, struct req_event, 1);
 BPF_ARRAY(layout_runq_event, struct runq_event, 1);
+/* the last NCHECKPOINTS checkpoints, slot = number % NCHECKPOINTS; slot NCHECKPOINTS counts */
+BPF_ARRAY(checkpoints, struct checkpoint_span, NCHECKPOINTS + 1);
 
 static __always_inline void bump(u32 idx)
 {

@@ -77,6 +77,43 @@ int on_write_done(struct pt_regs *ctx)
 	return 0;
 }
 
+/* ---- checkpoints of the traced cluster (for the report's timeline) ---- */
+
+int on_checkpoint_start(struct pt_regs *ctx)
+{
+	u32 nslot = NCHECKPOINTS, slot;
+	struct checkpoint_span *n, *cp;
+	if (!current_state())
+		return 0;
+	n = checkpoints.lookup(&nslot);
+	if (!n)
+		return 0;
+	slot = n->start % NCHECKPOINTS;
+	cp = checkpoints.lookup(&slot);
+	if (!cp)
+		return 0;
+	cp->start = bpf_ktime_get_ns();
+	cp->end = 0;
+	n->start++;
+	return 0;
+}
+
+int on_checkpoint_done(struct pt_regs *ctx)
+{
+	u32 nslot = NCHECKPOINTS, slot;
+	struct checkpoint_span *n, *cp;
+	if (!current_state())
+		return 0;
+	n = checkpoints.lookup(&nslot);
+	if (!n || n->start == 0)
+		return 0;
+	slot = (n->start - 1) % NCHECKPOINTS;
+	cp = checkpoints.lookup(&slot);
+	if (cp && cp->end == 0)
+		cp->end = bpf_ktime_get_ns();
+	return 0;
+}
+
 /* ---- WAL: track the segment's fd, then its writes and flushes ----------
  *
  * Backends open WAL files by relative path: "pg_wal/<24 hex digits>" is a

@@ -58,6 +58,15 @@ class RunqEvent(ct.Structure):
     ]
 
 
+class CheckpointSpan(ct.Structure):
+    """struct checkpoint_span: one checkpoint of the traced cluster."""
+
+    _fields_ = [("start", ct.c_uint64), ("end", ct.c_uint64)]
+
+
+NCHECKPOINTS = 64
+
+
 class ArgKey(ct.Structure):
     """struct argkey: a USDT site's runtime address and argument number."""
 

@@ -40,6 +40,8 @@ USDT_PROBES: dict[str, tuple[str, int | None]] = {
     "smgr__md__read__done": ("on_read_done", None),
     "smgr__md__write__start": ("on_write_start", None),
     "smgr__md__write__done": ("on_write_done", None),
+    "checkpoint__start": ("on_checkpoint_start", None),
+    "checkpoint__done": ("on_checkpoint_done", None),
 }
 
 #: Exported functions -> (BPF function, is return probe).

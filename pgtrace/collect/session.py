@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pgtrace.collect.events import RunqEvent, event_dtype
+from pgtrace.collect.events import NCHECKPOINTS, RunqEvent, event_dtype
 from pgtrace.collect.loader import (
     CLIENT_RINGBUF_PAGES,
     Attachment,
@@ -120,6 +120,18 @@ class TraceSession:
             leaf.is_client = 1
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
             tasks[tasks.Key(pid)] = leaf
+
+    def checkpoints(self) -> list[dict[str, int | None]]:
+        """Checkpoints seen since attach, oldest first: start and end ns (None: running)."""
+        if self._att is None or self._att.bpf is None:
+            return []
+        table = self._att.bpf["checkpoints"]
+        total = int(table[ct.c_int(NCHECKPOINTS)].start)
+        spans = []
+        for k in range(max(0, total - NCHECKPOINTS), total):
+            cp = table[ct.c_int(k % NCHECKPOINTS)]
+            spans.append({"start": int(cp.start), "end": int(cp.end) or None})
+        return spans
 
     def client_runq(self) -> bytes:
         """Driver run-queue intervals read so far (concatenated struct runq_event)."""

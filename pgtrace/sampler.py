@@ -1,0 +1,100 @@
+"""The 1 Hz timeline beside a trace: pg_stat_wal, checkpointer counters, PSI, active backends.
+
+Counters are cumulative as the server reports them; the report takes differences.
+Without a DSN only what /proc shows is sampled (PSI).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+#: pg_stat_wal and pg_stat_bgwriter columns sampled (PostgreSQL 14-16 names).
+SERVER_SQL = """
+select w.wal_records, w.wal_fpi, w.wal_bytes::bigint, w.wal_write, w.wal_sync,
+       w.wal_write_time, w.wal_sync_time,
+       b.checkpoints_timed, b.checkpoints_req, b.buffers_checkpoint, b.buffers_backend,
+       b.buffers_clean,
+       (select count(*) from pg_stat_activity
+         where state = 'active' and backend_type = 'client backend') as active_backends
+  from pg_stat_wal w, pg_stat_bgwriter b
+"""
+SERVER_COLUMNS = (
+    "wal_records", "wal_fpi", "wal_bytes", "wal_write", "wal_sync", "wal_write_time",
+    "wal_sync_time", "checkpoints_timed", "checkpoints_req", "buffers_checkpoint",
+    "buffers_backend", "buffers_clean", "active_backends",
+)
+
+
+def psi_total_us(resource: str) -> int | None:
+    """Cumulative 'some' stall time of /proc/pressure/<resource>, in microseconds."""
+    try:
+        with open(f"/proc/pressure/{resource}") as f:
+            for line in f:
+                if line.startswith("some"):
+                    return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class Sampler:
+    """Samples once per `interval` seconds in a thread until stop()."""
+
+    def __init__(self, dsn: str | None, interval: float = 1.0) -> None:
+        self.dsn = dsn
+        self.interval = interval
+        self.samples: list[dict[str, Any]] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pgtrace-sampler", daemon=True)
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def start(self) -> None:
+        """Begin sampling (the first sample is taken at once)."""
+        if self.dsn is not None:
+            try:
+                self._conn = psycopg.connect(self.dsn, autocommit=True,
+                                             application_name="pgtrace sampler")
+            except psycopg.Error as exc:
+                self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self._thread.start()
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Take a last sample, stop, and return the samples."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        return self.samples
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(self.sample())
+            if self._stop.wait(self.interval):
+                self.samples.append(self.sample())
+                return
+
+    def sample(self) -> dict[str, Any]:
+        """One sample now: CLOCK_MONOTONIC ns, PSI totals, server counters if connected."""
+        row: dict[str, Any] = {
+            "t": time.monotonic_ns(),
+            "psi_cpu_some_us": psi_total_us("cpu"),
+            "psi_io_some_us": psi_total_us("io"),
+        }
+        if self._conn is not None:
+            try:
+                values = self._conn.execute(SERVER_SQL).fetchone()
+            except psycopg.Error as exc:
+                self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self._conn = None
+            else:
+                if values is not None:
+                    row.update({k: (float(v) if v is not None else None)
+                                for k, v in zip(SERVER_COLUMNS, values, strict=True)})
+        return row
