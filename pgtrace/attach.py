@@ -41,6 +41,8 @@ class AttachOptions:
     query_len: int = 128
     dsn: str | None = None          # for the timeline's server counters
     sample_interval: float = 1.0
+    stacks: bool = False            # on/off-CPU stacks for flame graphs
+    stack_hz: int = 99
 
 
 @dataclass
@@ -146,8 +148,10 @@ def run_attach(
         config=ProgramConfig.for_sync_method(
             settings.get("wal_sync_method"),
             query_len=opts.query_len,
+            stacks=opts.stacks,
             **_activity_constants(target, settings),
         ),
+        sample_hz=opts.stack_hz,
     )
     fps = Fingerprints()
     tranches = TrancheNames(lambda: [target.postmaster_pid, *session.tracked_pids()])
@@ -196,6 +200,7 @@ def run_attach(
             counters = session.counters()
             client_runq = runq_frame(session.client_runq())
             checkpoints = session.checkpoints()
+            oncpu, offcpu = session.folded_stacks()
         finally:
             sampler.stop()
             session.close()
@@ -206,6 +211,8 @@ def run_attach(
     header["settings"] = settings
     header["timeline"] = sampler.samples
     header["checkpoints"] = checkpoints
+    if opts.stacks:
+        header["stacks"] = {"oncpu": oncpu, "offcpu": offcpu, "hz": opts.stack_hz}
     if sampler.error:
         header["timeline_error"] = sampler.error
     header["duration_s"] = elapsed

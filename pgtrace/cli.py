@@ -110,13 +110,16 @@ Examples:
 @click.option("--dsn", default=None,
               help="Connect here once a second for the timeline (pg_stat_wal, checkpointer "
               "counters); without it only PSI is sampled.")
+@click.option("--stacks", is_flag=True,
+              help="Sample on-CPU stacks (99 Hz) and record off-CPU stacks per bucket; "
+              "written as folded stacks next to -o (CAPTURE.oncpu.folded, .offcpu.folded).")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
 @click.argument("interval", type=float, required=False)
 @click.argument("count", type=int, required=False)
 @_errors_to_exit
 def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
-           summary_json: str | None, query_text: bool, dsn: str | None, ebpf: bool,
-           interval: float | None, count: int | None) -> None:
+           summary_json: str | None, query_text: bool, dsn: str | None, stacks: bool,
+           ebpf: bool, interval: float | None, count: int | None) -> None:
     """Trace a running cluster and split every request's server time into buckets.
 
     Buckets: cpu, runqueue, fsync, wal_write, lwlock:<tranche>, lock:<type>,
@@ -136,7 +139,7 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
     from pgtrace.report.text import render_text
 
     opts = AttachOptions(pids=list(pids), duration=duration, interval=interval,
-                         count=count, query_text=query_text, dsn=dsn)
+                         count=count, query_text=query_text, dsn=dsn, stacks=stacks)
     printer = interval_printer(sys.stdout) if interval else None
 
     def ready(_session: Any) -> None:
@@ -162,6 +165,18 @@ def _write_outputs(frame: Any, summary: dict[str, Any], header: dict[str, Any],
         with open(summary_json, "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
+
+
+def _write_folded(stacks: dict[str, Any], base: str) -> None:
+    """CAPTURE.oncpu.folded and CAPTURE.offcpu.folded, for flamegraph.pl or speedscope."""
+    import os
+
+    for kind in ("oncpu", "offcpu"):
+        path = f"{base}.{kind}.folded"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(line + "\n" for line in stacks.get(kind, []))
+        click.echo(f"wrote {path}", err=True)
 
 
 REPORT_EPILOG = """\b

@@ -34,6 +34,9 @@
 #ifndef CLIENT_RINGBUF_PAGES
 #define CLIENT_RINGBUF_PAGES 256
 #endif
+#ifndef STACK_ENTRIES
+#define STACK_ENTRIES 16384
+#endif
 #ifndef MAX_TASKS
 #define MAX_TASKS 16384
 #endif
@@ -159,6 +162,8 @@ struct task_state {
 	u8 ending;            /* inside ReadyForQuery: its send ends the request */
 	u8 is_client;         /* a driver thread: report its run-queue waits */
 	u8 pad[5];
+	s32 off_ustack;       /* with stacks: user stack where it last blocked */
+	s32 off_kstack;       /* with stacks: kernel stack where it last blocked */
 	struct ctx_entry stack[MAXDEPTH];
 	struct req_event acc;
 };
@@ -226,6 +231,30 @@ static __always_inline u32 bucket_of(struct task_state *st, u8 *kind)
 	return st->mode == MODE_ONCPU ? B_CPU : B_OTHER_WAIT;
 }
 
+#ifdef WITH_STACKS
+/* Stacks for flame graphs (stacks.bpf.c): on-CPU samples, off-CPU time by bucket. */
+struct stack_key {
+	s32 ustack;
+	s32 kstack;
+	u32 bucket;           /* off-CPU: the bucket the blocked time went to */
+	u32 pad;
+};
+BPF_STACK_TRACE(stack_traces, STACK_ENTRIES);
+BPF_HASH(oncpu_samples, struct stack_key, u64, 16384);
+BPF_HASH(offcpu_ns, struct stack_key, u64, 16384);
+
+static __always_inline void charge_offcpu(struct task_state *st, u32 bucket, u64 delta)
+{
+	struct stack_key key = {};
+	key.ustack = st->off_ustack;
+	key.kstack = st->off_kstack;
+	key.bucket = bucket;
+	u64 *v = offcpu_ns.lookup_or_try_init(&key, &(u64){0});
+	if (v)
+		__sync_fetch_and_add(v, delta);
+}
+#endif
+
 static __always_inline void charge_lwlock(struct task_state *st, u64 tranche, u64 delta)
 {
 	int i;
@@ -261,6 +290,11 @@ static __always_inline void charge(struct task_state *st, u64 now)
 	if (b >= NBUCKETS)
 		return;
 	st->acc.buckets[b] += delta;
+#ifdef WITH_STACKS
+	/* not while idle: that wait is the client's, discarded when bytes arrive */
+	if (st->mode == MODE_BLOCKED && st->req == REQ_BUSY)
+		charge_offcpu(st, b, delta);
+#endif
 	if (b == B_RUNQUEUE) {
 		/* constant indices: the verifier cannot follow a clamped one here */
 		switch (kind) {

@@ -32,6 +32,7 @@ static __always_inline void new_task(u32 pid, u64 now)
 		return;
 	st->wal_fd = -1;
 	st->init_fd = -1;
+	st->off_ustack = st->off_kstack = -1;
 	st->mode = MODE_RUNQ;
 	st->last_ts = now;
 	st->wake_ts = now;

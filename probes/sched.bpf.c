@@ -28,6 +28,13 @@ TRACEPOINT_PROBE(sched, sched_switch)
 			st->mode = MODE_BLOCKED;
 			st->wake_runq_ns = 0;
 			st->acc.n_vcsw++;
+#ifdef WITH_STACKS
+			st->off_ustack = st->off_kstack = -1;
+			if (st->req != REQ_NONE) {
+				st->off_ustack = stack_traces.get_stackid(args, BPF_F_USER_STACK);
+				st->off_kstack = stack_traces.get_stackid(args, 0);
+			}
+#endif
 		}
 	}
 	st = tasks.lookup(&next);

@@ -28,7 +28,7 @@ from pgtrace.errors import (
 )
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
-SOURCES = ("request.bpf.c", "sched.bpf.c", "waits.bpf.c")
+SOURCES = ("request.bpf.c", "sched.bpf.c", "waits.bpf.c", "stacks.bpf.c")
 
 #: USDT probe -> BPF function, and the argument (0-based) the function reads.
 USDT_PROBES: dict[str, tuple[str, int | None]] = {
@@ -113,9 +113,10 @@ class ProgramConfig:
     wal_flush_is_fsync: bool = False
     mybeentry_addr: int = 0      # nonzero: read query text from the backend status entry
     activity_raw_off: int = 0
+    stacks: bool = False         # on/off-CPU stacks for flame graphs
 
     @classmethod
-    def for_sync_method(cls, method: str | None, **kw: int) -> ProgramConfig:
+    def for_sync_method(cls, method: str | None, **kw: Any) -> ProgramConfig:
         """Constants for a wal_sync_method (None: the default, fdatasync)."""
         return cls(
             wal_write_is_sync=method in ("open_sync", "open_datasync"),
@@ -135,7 +136,7 @@ class ProgramConfig:
             f"-DWAL_WRITE_IS_SYNC={int(self.wal_write_is_sync)}",
             f"-DWAL_FLUSH_IS_FSYNC={int(self.wal_flush_is_fsync)}",
             "-Wno-macro-redefined",
-        ] + (
+        ] + (["-DWITH_STACKS"] if self.stacks else []) + (
             [f"-DMYBEENTRY_ADDR={self.mybeentry_addr:#x}ULL",
              f"-DACTIVITY_RAW_OFF={self.activity_raw_off}"]
             if self.mybeentry_addr

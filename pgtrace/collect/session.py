@@ -17,8 +17,10 @@ from pgtrace.collect.loader import (
     ProgramConfig,
     attach_all,
     compile_program,
+    import_bcc,
 )
 from pgtrace.collect.ringbuf import RingReader
+from pgtrace.collect.stacks import folded
 from pgtrace.model import COUNTERS
 
 MODE_ONCPU, MODE_BLOCKED = 0, 2
@@ -59,6 +61,7 @@ class TraceSession:
     config: ProgramConfig = field(default_factory=ProgramConfig)
     chunks: list[bytes] = field(default_factory=list)
     client_chunks: list[bytes] = field(default_factory=list)
+    sample_hz: int = 99
     _att: Attachment | None = None
     _ring: RingReader | None = None
     _client_ring: RingReader | None = None
@@ -76,6 +79,7 @@ class TraceSession:
             wal_flush_is_fsync=self.config.wal_flush_is_fsync,
             mybeentry_addr=self.config.mybeentry_addr,
             activity_raw_off=self.config.activity_raw_off,
+            stacks=self.config.stacks,
         )
         bpf = compile_program(cfg)
         self._att = Attachment(bpf)
@@ -87,6 +91,11 @@ class TraceSession:
                 cfg.ringbuf_pages * mmap.PAGESIZE,
                 event_dtype(cfg.query_len).itemsize,
             )
+            if cfg.stacks:
+                bcc = import_bcc()
+                bpf.attach_perf_event(ev_type=bcc.PerfType.SOFTWARE,
+                                      ev_config=bcc.PerfSWConfig.CPU_CLOCK,
+                                      fn_name="on_cpu_sample", sample_freq=self.sample_hz)
             self._client_ring = RingReader(
                 bpf["client_runq"].map_fd,
                 CLIENT_RINGBUF_PAGES * mmap.PAGESIZE,
@@ -106,7 +115,7 @@ class TraceSession:
                 continue
             leaf = tasks.Leaf()
             leaf.wal_fd = wal_fd_of(pid)
-            leaf.init_fd = -1
+            leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
             tasks[key] = leaf
 
@@ -116,7 +125,7 @@ class TraceSession:
         tasks = self._att.bpf["tasks"]
         for pid in pids:
             leaf = tasks.Leaf()
-            leaf.wal_fd = leaf.init_fd = -1
+            leaf.wal_fd = leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
             leaf.is_client = 1
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
             tasks[tasks.Key(pid)] = leaf
@@ -132,6 +141,12 @@ class TraceSession:
             cp = table[ct.c_int(k % NCHECKPOINTS)]
             spans.append({"start": int(cp.start), "end": int(cp.end) or None})
         return spans
+
+    def folded_stacks(self) -> tuple[list[str], list[str]]:
+        """(on-CPU, off-CPU) folded stacks so far; empty without stacks."""
+        if self._att is None or self._att.bpf is None or not self.config.stacks:
+            return [], []
+        return folded(self._att.bpf, self.postmaster_pid)
 
     def client_runq(self) -> bytes:
         """Driver run-queue intervals read so far (concatenated struct runq_event)."""
