@@ -6,14 +6,24 @@ import time
 import uuid
 from itertools import pairwise
 
+import pytest
+
+from pgtrace.driver import ids
 from pgtrace.driver.ids import ulid, ulid_text, uuid7
+
+
+@pytest.fixture(autouse=True)
+def fresh_generators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generators are monotonic per process: each test starts from a fresh one."""
+    monkeypatch.setattr(ids, "_v7", ids._Monotonic(74))
+    monkeypatch.setattr(ids, "_ulid", ids._Monotonic(80))
 
 
 def test_uuid7_layout() -> None:
     ms = 0x0123456789AB
-    u = uuid7(now_ms=ms + 10**6)  # move past any earlier state
+    u = uuid7(now_ms=ms)
     n = u.int
-    assert n >> 80 == ms + 10**6
+    assert n >> 80 == ms
     assert (n >> 76) & 0xF == 7
     assert u.version == 7
     assert (n >> 62) & 0b11 == 0b10
