@@ -185,19 +185,33 @@ Examples:
   pgtrace report run.pgtrace --format json > report.json   # + per fingerprint, per second
   pgtrace report run.pgtrace --format csv > requests.csv    # one row per request
   pgtrace report bigint.pgtrace uuidv4.pgtrace              # side by side, bucket by bucket
+  pgtrace report run.pgtrace --format html -o report.html --png figures/
 """
 
 
 @cli.command(epilog=REPORT_EPILOG)
 @click.argument("captures", nargs=-1, required=True)
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv", "html"]),
+              default="text", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write here instead of standard output.")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False),
+              help="With --format html: also export each figure as PNG into this directory.")
 @_errors_to_exit
-def report(captures: tuple[str, ...], fmt: str) -> None:
-    """Re-run the analysis of one or more captures offline (no root, no server)."""
+def report(captures: tuple[str, ...], fmt: str, output: str | None, png_dir: str | None) -> None:
+    """Re-run the analysis of one or more captures offline (no root, no server).
+
+    html is one self-contained page (no network needed to view it): buckets,
+    percentiles, the per-second timeline with checkpoints, WAL FPI and CPU
+    pressure, fingerprints, waits, flame graphs and run metadata.
+    """
     from pgtrace.report.offline import render_report
 
-    render_report(list(captures), fmt, sys.stdout)
+    if output is None:
+        render_report(list(captures), fmt, sys.stdout, png_dir)
+        return
+    with open(output, "w", encoding="utf-8") as f:
+        render_report(list(captures), fmt, f, png_dir)
 
 
 RUN_EPILOG = """\b

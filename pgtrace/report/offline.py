@@ -34,9 +34,16 @@ def json_report(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render_report(paths: list[str], fmt: str, stream: TextIO) -> None:
-    """One capture: its report in `fmt`. Several: side by side (text) or a list (json)."""
+def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | None = None) -> None:
+    """One capture: its report in `fmt`. Several: side by side (text, html) or a list (json)."""
     loaded = [(p, *read_capture(p)) for p in paths]
+    if fmt == "html":
+        from pgtrace.report.html import render_html
+
+        render_html(loaded, stream, png_dir=png_dir)
+        return
+    if png_dir is not None:
+        raise UsageError("--png goes with --format html")
     if fmt == "csv":
         if len(loaded) != 1:
             raise UsageError("--format csv takes one capture")
