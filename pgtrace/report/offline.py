@@ -12,7 +12,7 @@ from rich.table import Table
 from pgtrace.aggregate import compare_table, per_fingerprint, per_second, summary
 from pgtrace.capture import read_capture
 from pgtrace.errors import UsageError
-from pgtrace.report.text import fmt_ns, render_text
+from pgtrace.report.text import fmt_ns, render_e2e, render_text
 
 
 def capture_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +56,8 @@ def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | Non
         return
     if len(loaded) == 1:
         _p, df, header = loaded[0]
+        if "latency_ns" in df.columns and "run" in header:
+            render_e2e(df, header["run"], stream)
         render_text(df, capture_summary(df, header), stream)
         return
     render_compare({p: df for p, df, _h in loaded}, stream)
