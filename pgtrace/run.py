@@ -16,7 +16,6 @@ from pgtrace.cluster import start_cluster
 from pgtrace.collect.session import TraceSession
 from pgtrace.driver.summary import load_summary
 from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
-from pgtrace.driver.workloads import get_workload
 from pgtrace.e2e import e2e_frame, e2e_summary, join_requests
 from pgtrace.errors import ServerError
 from pgtrace.target import find_target
@@ -37,6 +36,8 @@ class RunOptions:
     query_text: bool = False
     progress: bool = True
     workers: int = 1
+    batch_rows: int = 1
+    copy: bool = False
 
 
 @dataclass
@@ -74,12 +75,12 @@ def run_profile(opts: RunOptions) -> RunOutcome:
     """Trace the cluster while the driver runs in a child process; join and split."""
     with _server(opts.dsn) as (dsn, note), tempfile.TemporaryDirectory() as tmp:
         postmaster = _postmaster_of(dsn)
-        workload = get_workload(opts.workload, opts.payload_bytes)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            workload.setup(conn)
         spec = LoadSpec(dsn=dsn, workload=opts.workload, runners=opts.runners,
                         connections=opts.connections, duration=opts.duration, count=opts.count,
-                        rate=opts.rate, payload_bytes=opts.payload_bytes, progress=opts.progress)
+                        rate=opts.rate, payload_bytes=opts.payload_bytes, progress=opts.progress,
+                        batch_rows=opts.batch_rows, copy=opts.copy)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            spec.build().setup(conn)
 
         def drive(session: TraceSession) -> tuple[pd.DataFrame, float, int]:
             started = start_workers(spec, tmp, opts.workers)

@@ -13,7 +13,7 @@ import psycopg
 from pgtrace.driver.runner import Progress, run_load, server_error_line
 from pgtrace.driver.summary import load_summary
 from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
-from pgtrace.driver.workloads import WORKLOADS, get_workload
+from pgtrace.driver.workloads import WORKLOADS
 from pgtrace.errors import PgtraceError, ServerError
 
 LOAD_EPILOG = """\b
@@ -53,6 +53,10 @@ def _print_progress(p: Progress) -> None:
               help="Open loop at this many requests/s in total (default: closed loop).")
 @click.option("--payload-bytes", type=click.IntRange(min=0), default=0, show_default=True,
               help="Text payload size per row (0: NULL).")
+@click.option("--batch-rows", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rows per request: one multi-row INSERT (or one COPY with --copy).")
+@click.option("--copy", "use_copy", is_flag=True,
+              help="Each request is COPY ... FROM STDIN of --batch-rows rows.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Write the summary as JSON here.")
 @click.option("--drop", is_flag=True, help="Drop the workload's table at the end.")
@@ -63,18 +67,23 @@ def _print_progress(p: Progress) -> None:
               help="Write the per-request frame (Parquet) here, for `pgtrace run`.")
 def load(dsn: str, workload_name: str, runners: int, connections: int | None,
          duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-         summary_json: str | None, drop: bool, quiet: bool, workers: int,
-         frame_out: str | None) -> None:
-    """Run a single-row insert workload and time every request on the client."""
+         batch_rows: int, use_copy: bool, summary_json: str | None, drop: bool, quiet: bool,
+         workers: int, frame_out: str | None) -> None:
+    """Run an insert workload and time every request on the client.
+
+    Single-row INSERTs by default; --batch-rows N makes each request one N-row INSERT
+    (or one COPY with --copy), the batching advice of write-heavy checklists.
+    """
+    if duration is None and count is None:
+        duration = 10.0
+    spec = LoadSpec(dsn=dsn, workload=workload_name, runners=runners, connections=connections,
+                    duration=duration, count=count, rate=rate, payload_bytes=payload_bytes,
+                    progress=not quiet, batch_rows=batch_rows, copy=use_copy)
     try:
         if workers > 1:
-            _load_workers(LoadSpec(dsn=dsn, workload=workload_name, runners=runners,
-                                   connections=connections, duration=duration, count=count,
-                                   rate=rate, payload_bytes=payload_bytes, progress=not quiet),
-                          workers, summary_json)
+            _load_workers(spec, workers, summary_json)
             return
-        _load(dsn, workload_name, runners, connections, duration, count, rate, payload_bytes,
-              summary_json, drop, quiet, frame_out)
+        _load(spec, summary_json, drop, frame_out)
     except PgtraceError as exc:
         click.echo(exc.line(), err=True)
         sys.exit(exc.exit_code)
@@ -82,7 +91,7 @@ def load(dsn: str, workload_name: str, runners: int, connections: int | None,
 
 def _load_workers(spec: LoadSpec, workers: int, summary_json: str | None) -> None:
     """The load split over worker processes; one summary over all of them."""
-    workload = get_workload(spec.workload, spec.payload_bytes)
+    workload = spec.build()
     with _connect_sync(spec.dsn) as conn:
         workload.setup(conn)
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,22 +120,19 @@ def _result_line(name: str, summary: dict[str, Any]) -> None:
                f"p99 {c['p99'] / 1e6:.3f} ms ({summary['duration_s']:.1f} s)")
 
 
-def _load(dsn: str, workload_name: str, runners: int, connections: int | None,
-          duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-          summary_json: str | None, drop: bool, quiet: bool, frame_out: str | None) -> None:
-    if duration is None and count is None:
-        duration = 10.0
-    workload = get_workload(workload_name, payload_bytes)
-    with _connect_sync(dsn) as conn:
+def _load(spec: LoadSpec, summary_json: str | None, drop: bool, frame_out: str | None) -> None:
+    workload = spec.build()
+    with _connect_sync(spec.dsn) as conn:
         workload.setup(conn)
     try:
-        result = run_load(dsn, workload, runners=runners, connections=connections,
-                          duration_s=duration, count=count, rate=rate,
-                          on_progress=None if quiet else _print_progress)
+        result = run_load(spec.dsn, workload, runners=spec.runners,
+                          connections=spec.connections, duration_s=spec.duration,
+                          count=spec.count, rate=spec.rate,
+                          on_progress=_print_progress if spec.progress else None)
     finally:
         if drop:
             try:
-                with _connect_sync(dsn) as conn:
+                with _connect_sync(spec.dsn) as conn:
                     workload.teardown(conn)
             except (PgtraceError, psycopg.Error):
                 click.echo(f"pgtrace: could not drop {workload.table}", err=True)

@@ -99,10 +99,13 @@ class _Wire:
         self.fut: asyncio.Future[None] | None = None
         self.error: RequestError | None = None
         self.dead = False
-        res = self.pg.prepare(_STMT, workload.prepared_sql, None)
-        if res.status != pq.ExecStatus.COMMAND_OK:
-            msg = res.error_message.decode("utf-8", "replace").strip()
-            raise ServerError(f"cannot prepare the insert of {workload.name}: {msg}")
+        self.copy_sql = workload.copy_sql if workload.copy else None
+        self.copy_data = b""
+        if self.copy_sql is None:
+            res = self.pg.prepare(_STMT, workload.prepared_sql, None)
+            if res.status != pq.ExecStatus.COMMAND_OK:
+                msg = res.error_message.decode("utf-8", "replace").strip()
+                raise ServerError(f"cannot prepare the insert of {workload.name}: {msg}")
         self.pg.nonblocking = 1
         self.fd = self.pg.socket
         loop.add_reader(self.fd, self._readable)
@@ -137,18 +140,30 @@ class _Wire:
                 error, self.error = self.error, None
                 self._finish(error)
                 return
+            if res.status == pq.ExecStatus.COPY_IN:
+                # the server waits for the rows: send them all and end the copy
+                pg.put_copy_data(self.copy_data)
+                pg.put_copy_end(None)
+                while pg.flush():
+                    pass
+                continue
             if res.status != pq.ExecStatus.COMMAND_OK and self.error is None:
                 msg = res.error_message.decode("utf-8", "replace").strip()
                 self.error = RequestError(server_error_line(msg) or "request failed",
                                           broken=pg.status == pq.ConnStatus.BAD)
 
-    async def execute(self, params: list[bytes | None]) -> None:
-        """Send one prepared insert and wait for its reply."""
+    async def execute(self, params: list[bytes | None] | bytes) -> None:
+        """Send one request (a prepared insert, or a COPY of rows) and wait for its reply."""
         pg = self.pg
         if self.dead:
             raise RequestError("connection to the server was lost", broken=True)
         try:
-            pg.send_query_prepared(_STMT, params, self.formats)
+            if isinstance(params, bytes):
+                assert self.copy_sql is not None
+                self.copy_data = params
+                pg.send_query(self.copy_sql)
+            else:
+                pg.send_query_prepared(_STMT, params, self.formats)
             while pg.flush():
                 await asyncio.sleep(0)
         except psycopg.Error as exc:
@@ -240,7 +255,9 @@ async def _drive(
     rate: float | None,
     on_progress: Callable[[Progress], None] | None,
 ) -> LoadResult:
-    params = workload.wire_params
+    params: Callable[[], list[bytes | None] | bytes] = (
+        workload.copy_data if workload.copy else workload.wire_params
+    )
     rec = _Rec()
     shared = len(conns) < runners
     pool = _FairPool(conns)

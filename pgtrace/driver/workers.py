@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from pgtrace.driver.workloads import Workload, get_workload
+
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -23,6 +25,12 @@ class LoadSpec:
     rate: float | None = None
     payload_bytes: int = 0
     progress: bool = True
+    batch_rows: int = 1
+    copy: bool = False
+
+    def build(self) -> Workload:
+        """The workload this spec names, with its payload and rows per request."""
+        return get_workload(self.workload, self.payload_bytes, self.batch_rows, self.copy)
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -50,7 +58,9 @@ def worker_commands(spec: LoadSpec, frame_outs: list[str]) -> list[list[str]]:
         cmd = [sys.executable, "-m", "pgtrace", "load", "--dsn", spec.dsn,
                "--workload", spec.workload, "--runners", str(runners[i]),
                "--connections", str(conns[i]), "--payload-bytes", str(spec.payload_bytes),
-               "--frame-out", out]
+               "--batch-rows", str(spec.batch_rows), "--frame-out", out]
+        if spec.copy:
+            cmd.append("--copy")
         for flag, value in (("--duration", spec.duration), ("--count", counts[i]),
                             ("--rate", spec.rate / k if spec.rate else None)):
             if value is not None:

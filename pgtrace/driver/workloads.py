@@ -12,7 +12,7 @@ import random
 import string
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -48,6 +48,8 @@ class Workload:
     payload_bytes: int = 0
     description: str = ""
     _payload: str | None = field(default=None, repr=False, compare=False)
+    batch_rows: int = 1  # rows per request: a multi-row INSERT, or a COPY
+    copy: bool = False   # each request is COPY ... FROM STDIN of batch_rows rows
 
     @property
     def insert_sql(self) -> str:
@@ -64,22 +66,43 @@ class Workload:
         if payload_bytes:
             rng = random.Random(payload_bytes)
             text = "".join(rng.choices(string.ascii_letters + string.digits, k=payload_bytes))
-        return Workload(
-            self.name, self.table, self.columns, self.create_sql, self.insert_columns,
-            self.id_factory, self.sequence_cache, payload_bytes, self.description, text,
-        )
+        return replace(self, payload_bytes=payload_bytes, _payload=text)
+
+    def batched(self, rows: int, copy: bool = False) -> Workload:
+        """This workload with `rows` rows per request, as one INSERT or one COPY."""
+        if rows < 1:
+            raise UsageError(f"--batch-rows must be >= 1, not {rows}")
+        return replace(self, batch_rows=rows, copy=copy)
+
+    @property
+    def copy_sql(self) -> bytes:
+        """The COPY statement of a copy workload (text format)."""
+        return f"copy {self.table} ({', '.join(self.insert_columns)}) from stdin".encode()
+
+    def copy_data(self) -> bytes:
+        """batch_rows rows in COPY text format."""
+        payload = "\\N" if self._payload is None else self._payload
+        if self.id_factory is None:
+            row = f"{payload}\n"
+            return (row * self.batch_rows).encode()
+        return "".join(f"{self.id_factory()}\t{payload}\n"
+                       for _ in range(self.batch_rows)).encode()
 
     @property
     def prepared_sql(self) -> bytes:
-        """The insert with $n placeholders, for a protocol-level prepared statement."""
+        """The insert with $n placeholders (batch_rows value lists), for a prepared statement."""
         cols = ", ".join(self.insert_columns)
-        marks = ", ".join(f"${i + 1}" for i in range(len(self.insert_columns)))
-        return f"insert into {self.table} ({cols}) values ({marks})".encode()
+        n = len(self.insert_columns)
+        rows = ", ".join(
+            "(" + ", ".join(f"${r * n + i + 1}" for i in range(n)) + ")"
+            for r in range(self.batch_rows)
+        )
+        return f"insert into {self.table} ({cols}) values {rows}".encode()
 
     @property
     def param_formats(self) -> list[int]:
         """Wire formats of wire_params(): the uuid key binary (1), the payload text (0)."""
-        return [1, 0] if self.id_factory is not None else [0]
+        return ([1, 0] if self.id_factory is not None else [0]) * self.batch_rows
 
     def params(self) -> Params:
         """Parameters for one insert (Python values, for psycopg's execute)."""
@@ -88,11 +111,14 @@ class Workload:
         return (self._payload,)
 
     def wire_params(self) -> list[bytes | None]:
-        """Parameters for one insert, encoded for the wire (see param_formats)."""
+        """Parameters for one request, encoded for the wire (see param_formats)."""
         payload = None if self._payload is None else self._payload.encode()
         if self.id_factory is not None:
-            return [self.id_factory().bytes, payload]
-        return [payload]
+            out: list[bytes | None] = []
+            for _ in range(self.batch_rows):
+                out += [self.id_factory().bytes, payload]
+            return out
+        return [payload] * self.batch_rows
 
     def setup(self, conn: psycopg.Connection[Any]) -> None:
         """Create the table if absent; raise ServerError if it exists with another shape."""
@@ -205,11 +231,12 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-def get_workload(name: str, payload_bytes: int = 0) -> Workload:
-    """The workload called ``name`` with the given payload size."""
+def get_workload(name: str, payload_bytes: int = 0, batch_rows: int = 1,
+                 copy: bool = False) -> Workload:
+    """The workload called ``name`` with the given payload size and rows per request."""
     try:
         base = WORKLOADS[name]
     except KeyError:
         raise UsageError(f"unknown workload {name!r}",
                          hint="one of " + ", ".join(WORKLOADS)) from None
-    return base.with_payload(payload_bytes)
+    return base.with_payload(payload_bytes).batched(batch_rows, copy)

@@ -218,3 +218,22 @@ def test_server_restart_mid_run(tmp_path: Path) -> None:
         s = json.loads(out.read_text())
         assert s["requests"] > 100
         assert s["duration_s"] < 20
+
+
+@pytest.mark.parametrize("copy", [False, True])
+@pytest.mark.parametrize("name", ["insert-bigint", "insert-uuidv7"])
+def test_batches(name: str, copy: bool, dsn: str, conn: Conn, tmp_path: Path) -> None:
+    """--batch-rows N: each request writes N rows, as one INSERT or one COPY."""
+    table = WORKLOADS[name].table
+    conn.execute(f"drop table if exists {table}")
+    out = tmp_path / "s.json"
+    res = _invoke(["--dsn", dsn, "--workload", name, "--runners", "2", "--count", "40",
+                   "--batch-rows", "25", "--payload-bytes", "8", "--summary-json", str(out),
+                   *(["--copy"] if copy else [])])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())
+    assert s["requests"] == 40 and s["errors"] == 0
+    row = conn.execute(f"select count(*), count(distinct id), min(length(payload)) "
+                       f"from {table}").fetchone()
+    assert row == (40 * 25, 40 * 25, 8)
+    conn.execute(f"drop table {table}")

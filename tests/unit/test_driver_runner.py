@@ -68,3 +68,25 @@ def test_bad_runner_arguments() -> None:
 
 def test_error_line_is_one_line() -> None:
     assert server_error_line("a\n\tb\n") == "a b"
+
+
+def test_batched_insert_numbers_parameters_per_row() -> None:
+    from pgtrace.driver.workloads import get_workload
+
+    w = get_workload("insert-uuidv7", batch_rows=3)
+    assert w.prepared_sql == (b"insert into pgtrace_insert_uuidv7 (id, payload) values "
+                              b"($1, $2), ($3, $4), ($5, $6)")
+    assert w.param_formats == [1, 0, 1, 0, 1, 0]
+    params = w.wire_params()
+    assert len(params) == 6 and len({params[0], params[2], params[4]}) == 3
+
+
+def test_copy_rows_in_text_format() -> None:
+    from pgtrace.driver.workloads import get_workload
+
+    w = get_workload("insert-bigint", payload_bytes=0, batch_rows=4, copy=True)
+    assert w.copy_sql == b"copy pgtrace_insert (payload) from stdin"
+    assert w.copy_data() == b"\\N\n" * 4
+    v = get_workload("insert-uuidv7", payload_bytes=3, batch_rows=2, copy=True)
+    lines = v.copy_data().decode().splitlines()
+    assert len(lines) == 2 and all(len(ln.split("\t")) == 2 for ln in lines)
