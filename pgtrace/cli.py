@@ -240,6 +240,8 @@ Examples:
               help="Rows per request: one multi-row INSERT (or one COPY with --copy).")
 @click.option("--copy", "use_copy", is_flag=True,
               help="Each request is COPY ... FROM STDIN of --batch-rows rows.")
+@click.option("--sql-file", type=click.Path(dir_okay=False),
+              help="Drive this statement instead of a workload (see `pgtrace load --help`).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Driver processes sharing the runners (when one cannot keep up).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
@@ -249,8 +251,8 @@ Examples:
 @_errors_to_exit
 def run(dsn: str | None, workload: str, runners: int, connections: int | None,
         duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-        batch_rows: int, use_copy: bool, workers: int, output: str | None,
-        summary_json: str | None, query_text: bool) -> None:
+        batch_rows: int, use_copy: bool, sql_file: str | None, workers: int,
+        output: str | None, summary_json: str | None, query_text: bool) -> None:
     """Run the built-in insert driver under the engine; split every client request end to end.
 
     Buckets: client_queue (waiting for a free connection in the driver),
@@ -266,7 +268,8 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
     out = run_profile(RunOptions(dsn=dsn, workload=workload, runners=runners,
                                  connections=connections, duration=duration, count=count,
                                  rate=rate, payload_bytes=payload_bytes, query_text=query_text,
-                                 workers=workers, batch_rows=batch_rows, copy=use_copy))
+                                 workers=workers, batch_rows=batch_rows, copy=use_copy,
+                                 sql_file=sql_file))
     header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
     _write_outputs(out.frame, out.summary, header, output, summary_json)
     click.echo(f"({out.cluster_note})")

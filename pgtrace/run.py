@@ -38,6 +38,7 @@ class RunOptions:
     workers: int = 1
     batch_rows: int = 1
     copy: bool = False
+    sql_file: str | None = None
 
 
 @dataclass
@@ -78,7 +79,7 @@ def run_profile(opts: RunOptions) -> RunOutcome:
         spec = LoadSpec(dsn=dsn, workload=opts.workload, runners=opts.runners,
                         connections=opts.connections, duration=opts.duration, count=opts.count,
                         rate=opts.rate, payload_bytes=opts.payload_bytes, progress=opts.progress,
-                        batch_rows=opts.batch_rows, copy=opts.copy)
+                        batch_rows=opts.batch_rows, copy=opts.copy, sql_file=opts.sql_file)
         with psycopg.connect(dsn, autocommit=True) as conn:
             spec.build().setup(conn)
 

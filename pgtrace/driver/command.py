@@ -57,6 +57,9 @@ def _print_progress(p: Progress) -> None:
               help="Rows per request: one multi-row INSERT (or one COPY with --copy).")
 @click.option("--copy", "use_copy", is_flag=True,
               help="Each request is COPY ... FROM STDIN of --batch-rows rows.")
+@click.option("--sql-file", type=click.Path(dir_okay=False),
+              help="Run this statement instead of a workload: pgbench-style "
+              "'\\set name random(lo, hi)' lines, then one SQL statement using :name.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Write the summary as JSON here.")
 @click.option("--drop", is_flag=True, help="Drop the workload's table at the end.")
@@ -67,8 +70,8 @@ def _print_progress(p: Progress) -> None:
               help="Write the per-request frame (Parquet) here, for `pgtrace run`.")
 def load(dsn: str, workload_name: str, runners: int, connections: int | None,
          duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-         batch_rows: int, use_copy: bool, summary_json: str | None, drop: bool, quiet: bool,
-         workers: int, frame_out: str | None) -> None:
+         batch_rows: int, use_copy: bool, sql_file: str | None, summary_json: str | None,
+         drop: bool, quiet: bool, workers: int, frame_out: str | None) -> None:
     """Run an insert workload and time every request on the client.
 
     Single-row INSERTs by default; --batch-rows N makes each request one N-row INSERT
@@ -78,7 +81,8 @@ def load(dsn: str, workload_name: str, runners: int, connections: int | None,
         duration = 10.0
     spec = LoadSpec(dsn=dsn, workload=workload_name, runners=runners, connections=connections,
                     duration=duration, count=count, rate=rate, payload_bytes=payload_bytes,
-                    progress=not quiet, batch_rows=batch_rows, copy=use_copy)
+                    progress=not quiet, batch_rows=batch_rows, copy=use_copy,
+                    sql_file=sql_file)
     try:
         if workers > 1:
             _load_workers(spec, workers, summary_json)

@@ -27,9 +27,14 @@ class LoadSpec:
     progress: bool = True
     batch_rows: int = 1
     copy: bool = False
+    sql_file: str | None = None
 
     def build(self) -> Workload:
         """The workload this spec names, with its payload and rows per request."""
+        if self.sql_file is not None:
+            from pgtrace.driver.custom import load_sql_file
+
+            return load_sql_file(self.sql_file)
         return get_workload(self.workload, self.payload_bytes, self.batch_rows, self.copy)
 
 
@@ -61,6 +66,8 @@ def worker_commands(spec: LoadSpec, frame_outs: list[str]) -> list[list[str]]:
                "--batch-rows", str(spec.batch_rows), "--frame-out", out]
         if spec.copy:
             cmd.append("--copy")
+        if spec.sql_file is not None:
+            cmd += ["--sql-file", os.path.abspath(spec.sql_file)]
         for flag, value in (("--duration", spec.duration), ("--count", counts[i]),
                             ("--rate", spec.rate / k if spec.rate else None)):
             if value is not None:

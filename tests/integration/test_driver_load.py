@@ -237,3 +237,16 @@ def test_batches(name: str, copy: bool, dsn: str, conn: Conn, tmp_path: Path) ->
                        f"from {table}").fetchone()
     assert row == (40 * 25, 40 * 25, 8)
     conn.execute(f"drop table {table}")
+
+
+def test_sql_file(dsn: str, conn: Conn, tmp_path: Path) -> None:
+    conn.execute("drop table if exists custom_t")
+    conn.execute("create table custom_t (k int, v text)")
+    f = tmp_path / "w.sql"
+    f.write_text("\\set k random(1, 5)\ninsert into custom_t values (:k, :k::int::text || 'x');\n")
+    res = _invoke(["--dsn", dsn, "--sql-file", str(f), "--runners", "2", "--count", "30"])
+    assert res.exit_code == 0, res.output
+    row = conn.execute("select count(*), min(k), max(k), bool_and(v = k || 'x') "
+                       "from custom_t").fetchone()
+    assert row is not None and row[0] == 30 and 1 <= row[1] <= row[2] <= 5 and row[3]
+    conn.execute("drop table custom_t")
