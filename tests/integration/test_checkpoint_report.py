@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,16 +13,23 @@ from pgtrace.aggregate import summary
 from pgtrace.cluster import start_cluster
 from pgtrace.report.html import render_html
 from pgtrace.run import RunOptions, run_profile
+from tests.integration.test_report_html_browser import (
+    _artifacts,
+    _check_in_browser,
+    _chromium,
+    _install_chromium,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 SEC = 1_000_000_000
 
 
-def test_checkpoint_fpi_burst_in_timeline_and_html() -> None:
+def test_checkpoint_fpi_burst_in_timeline_and_html(tmp_path: Path) -> None:
+    """The issue's check: a 60 s run with checkpoint_timeout=30s, its HTML in a browser."""
     with start_cluster(settings={"checkpoint_timeout": "30s", "max_wal_size": "4GB"}) as c:
         out = run_profile(RunOptions(dsn=c.dsn, workload="insert-uuidv4", runners=8,
-                                     duration=40, progress=False))
+                                     duration=60, progress=False))
     header = out.trace.header
     # a timed checkpoint spreads its writes (checkpoint_completion_target): it may still
     # run when the trace ends; its start is what the FPI burst follows
@@ -49,3 +57,17 @@ def test_checkpoint_fpi_burst_in_timeline_and_html() -> None:
                 duration_s=header["duration_s"])
     assert json.loads(embedded.group(1)) == s
     assert "checkpoint" in html.lower() and "FPI" in html
+
+    page = tmp_path / "checkpoint.html"
+    page.write_text(html, encoding="utf-8")
+    browser = _install_chromium()
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    result = _check_in_browser(browser, profile, page)
+    timeline = next(f for f in result["figures"] if f["id"].endswith("timeline"))
+    assert timeline["traces"] >= 4  # tps, p50, p99, WAL FPI/s (+ pressure)
+    shot = _artifacts() / "report-checkpoint.png"
+    shot.unlink(missing_ok=True)
+    _chromium(browser, profile, "--virtual-time-budget=5000", "--window-size=1400,3000",
+              f"--screenshot={shot}", page.as_uri())
+    assert shot.stat().st_size > 100_000
