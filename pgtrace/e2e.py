@@ -20,24 +20,31 @@ def join_requests(client: pd.DataFrame, server: pd.DataFrame) -> tuple[pd.DataFr
     """Client rows with their server record's columns; rows without one are dropped.
 
     Returns (joined, unmatched): each server record is used at most once, and
-    only when t_send <= t_start and t_end <= t_recv on the same backend.
+    only when t_send <= t_start and t_end <= t_recv on the same backend. The
+    match is found on keys alone, then the server's columns are taken whole, so
+    nanosecond integers stay integers.
     """
     if client.empty:
         return client.assign(server_row=pd.Series(dtype="int64")), 0
     left = client.astype({"t_send": "int64", "pid": "int64"}).sort_values("t_send")
     left = left.reset_index(drop=True)
-    right = server.astype({"t_start": "int64", "pid": "int64"})
-    right = right.assign(server_row=np.arange(len(server))).sort_values("t_start")
-    merged = pd.merge_asof(
-        left, right, left_on="t_send", right_on="t_start", by="pid", direction="forward",
-        suffixes=("", "_srv"),
-    )
-    ok = merged["server_row"].notna() & (merged["t_end"] <= merged["t_recv"])
+    keys = pd.DataFrame({
+        "pid": server["pid"].to_numpy(dtype="int64"),
+        "k_start": server["t_start"].to_numpy(dtype="int64"),
+        "k_end": server["t_end"].to_numpy(dtype="int64"),
+        "server_row": np.arange(len(server), dtype="int64"),
+    }).sort_values("k_start")
+    merged = pd.merge_asof(left, keys, left_on="t_send", right_on="k_start", by="pid",
+                           direction="forward")
+    ok = merged["server_row"].notna() & (merged["k_end"] <= merged["t_recv"])
     twice = merged.loc[ok, "server_row"].duplicated(keep=False)
     ok[twice[twice].index] = False
-    joined = merged[ok].copy()
-    joined["server_row"] = joined["server_row"].astype("int64")
-    return joined.reset_index(drop=True), int((~ok).sum())
+    rows = merged.loc[ok, "server_row"].to_numpy(dtype="int64")
+    srv = server.iloc[rows].reset_index(drop=True)
+    mine = left[ok.to_numpy()].reset_index(drop=True)
+    srv = srv.drop(columns=[c for c in srv.columns if c in mine.columns])
+    joined = pd.concat([mine, srv], axis=1).assign(server_row=rows)
+    return joined, int((~ok).sum())
 
 
 def runq_overlap(

@@ -66,8 +66,8 @@ def _postmaster_of(dsn: str) -> int:
     """The postmaster behind a DSN (the server must run on this machine)."""
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            backend = conn.info.backend_pid
-        return find_target(backend).postmaster_pid
+            # while the connection is open: its backend must still exist to be looked at
+            return find_target(conn.info.backend_pid).postmaster_pid
     except psycopg.Error as exc:
         raise ServerError(f"cannot connect to PostgreSQL: {exc}".splitlines()[0]) from None
 
@@ -93,7 +93,8 @@ def run_profile(opts: RunOptions) -> RunOutcome:
         )
     if client.empty and code:
         raise ServerError(f"the driver failed (exit {code}) before writing its results")
-    joined, unmatched = join_requests(client, trace.frame)
+    # failed requests have no place in the split (the summary counts them as errors)
+    joined, unmatched = join_requests(client[client["ok"]], trace.frame)
     frame = e2e_frame(joined, trace.client_runq)
     summary: dict[str, Any] = load_summary(client, duration)
     engine = dict(trace.summary)

@@ -41,6 +41,12 @@
 #define MAX_TASKS 16384
 #endif
 
+/*
+ * What a tracepoint program returns: non-zero keeps the event for the other
+ * perf users of that tracepoint (perf record, other tracers); 0 would drop it.
+ */
+#define TP_KEEP 1
+
 /* ---- buckets: indices into req_event.buckets (mirrored in pgtrace/model.py) */
 #define B_CPU 0
 #define B_RUNQUEUE 1

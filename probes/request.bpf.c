@@ -112,10 +112,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 {
 	struct task_state *st = current_state();
 	if (!st || !st->ending)
-		return 0;
+		return TP_KEEP;
 	st->ending = 0;
 	end_request(st, bpf_ktime_get_ns());
-	return 0;
+	return TP_KEEP;
 }
 
 /* The first bytes read while idle start a request. */
@@ -124,17 +124,17 @@ TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
 	struct task_state *st;
 	u64 now, seq;
 	if (args->ret <= 0)
-		return 0;
+		return TP_KEEP;
 	st = current_state();
 	if (!st || st->req != REQ_IDLE)
-		return 0;
+		return TP_KEEP;
 	now = bpf_ktime_get_ns();
 	seq = st->acc.seq;
 	reset_request(st, now);
 	st->acc.seq = seq;
 	st->acc.wakeup_ns = st->wake_runq_ns;
 	st->req = REQ_BUSY;
-	return 0;
+	return TP_KEEP;
 }
 
 /*
@@ -156,10 +156,10 @@ int on_report_activity(struct pt_regs *ctx)
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
 	if (POSTMASTER_PID == 0 || args->parent_pid != POSTMASTER_PID)
-		return 0;
+		return TP_KEEP;
 	new_task(args->child_pid, bpf_ktime_get_ns());
 	bump(C_FORKS);
-	return 0;
+	return TP_KEEP;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
@@ -167,9 +167,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u32 pid = bpf_get_current_pid_tgid();
 	struct task_state *st = tasks.lookup(&pid);
 	if (!st)
-		return 0;
+		return TP_KEEP;
 	if (st->req == REQ_BUSY)
 		bump(C_ABORTED);
 	tasks.delete(&pid);
-	return 0;
+	return TP_KEEP;
 }

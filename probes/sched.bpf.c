@@ -50,7 +50,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 		}
 		st->mode = MODE_ONCPU;
 	}
-	return 0;
+	return TP_KEEP;
 }
 
 static __always_inline void woken(u32 pid)
@@ -68,11 +68,11 @@ static __always_inline void woken(u32 pid)
 TRACEPOINT_PROBE(sched, sched_wakeup)
 {
 	woken(args->pid);
-	return 0;
+	return TP_KEEP;
 }
 
 TRACEPOINT_PROBE(sched, sched_wakeup_new)
 {
 	woken(args->pid);
-	return 0;
+	return TP_KEEP;
 }

@@ -133,20 +133,20 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 	char head[8] = {};
 	struct task_state *st = current_state();
 	if (!st)
-		return 0;
+		return TP_KEEP;
 	bpf_probe_read_user(head, 8, args->filename);
 	st->opening_wal = 0;
 	if (head[0] == 'p' && head[1] == 'g' && head[2] == '_' && head[3] == 'w' &&
 	    head[4] == 'a' && head[5] == 'l' && head[6] == '/')
 		st->opening_wal = is_hex(head[7]) ? 1 : (head[7] == 'x' ? 2 : 0);
-	return 0;
+	return TP_KEEP;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_openat)
 {
 	struct task_state *st = current_state();
 	if (!st || !st->opening_wal)
-		return 0;
+		return TP_KEEP;
 	if (args->ret >= 0) {
 		if (st->opening_wal == 1)
 			st->wal_fd = args->ret;
@@ -154,19 +154,19 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
 			st->init_fd = args->ret;
 	}
 	st->opening_wal = 0;
-	return 0;
+	return TP_KEEP;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
 	struct task_state *st = current_state();
 	if (!st)
-		return 0;
+		return TP_KEEP;
 	if (st->wal_fd >= 0 && args->fd == (u64)st->wal_fd)
 		st->wal_fd = -1;
 	if (st->init_fd >= 0 && args->fd == (u64)st->init_fd)
 		st->init_fd = -1;
-	return 0;
+	return TP_KEEP;
 }
 
 static __always_inline int is_wal_fd(struct task_state *st, u64 fd)
@@ -191,10 +191,10 @@ static __always_inline void sync_enter(u64 fd, int is_fsync)
 	}
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_fdatasync) { sync_enter(args->fd, 0); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_fdatasync) { leave_syscall_ctx(); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_fsync) { sync_enter(args->fd, 1); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_fsync) { leave_syscall_ctx(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_fdatasync) { sync_enter(args->fd, 0); return TP_KEEP; }
+TRACEPOINT_PROBE(syscalls, sys_exit_fdatasync) { leave_syscall_ctx(); return TP_KEEP; }
+TRACEPOINT_PROBE(syscalls, sys_enter_fsync) { sync_enter(args->fd, 1); return TP_KEEP; }
+TRACEPOINT_PROBE(syscalls, sys_exit_fsync) { leave_syscall_ctx(); return TP_KEEP; }
 
 /* Writes to WAL files: their own bucket, or the flush itself with O_DSYNC. */
 static __always_inline void write_enter(u64 fd)
@@ -209,7 +209,7 @@ static __always_inline void write_enter(u64 fd)
 		enter_syscall_ctx(st, CTX_WAL_WRITE);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64) { write_enter(args->fd); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_pwrite64) { leave_syscall_ctx(); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_pwritev) { write_enter(args->fd); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_exit_pwritev) { leave_syscall_ctx(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64) { write_enter(args->fd); return TP_KEEP; }
+TRACEPOINT_PROBE(syscalls, sys_exit_pwrite64) { leave_syscall_ctx(); return TP_KEEP; }
+TRACEPOINT_PROBE(syscalls, sys_enter_pwritev) { write_enter(args->fd); return TP_KEEP; }
+TRACEPOINT_PROBE(syscalls, sys_exit_pwritev) { leave_syscall_ctx(); return TP_KEEP; }

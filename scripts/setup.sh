@@ -113,8 +113,9 @@ apt_install "postgresql $PG_MAJOR" \
     "postgresql-$PG_MAJOR-pg-wait-sampling" "postgresql-$PG_MAJOR-pg-stat-kcache" libpq5
 apt_install "bcc and build tools" \
     bpfcc-tools python3-bpfcc python3-venv systemtap-sdt-dev gcc
-# HTML reports: PNG export (kaleido) and the browser test draw with Chromium
-apt_install "chromium" chromium
+# HTML reports: PNG export (kaleido) and the browser test draw with Chromium;
+# perf: the tests check that pgtrace leaves tracepoint events to other tracers
+apt_install "chromium and perf" chromium linux-perf
 
 # --- kernel headers -----------------------------------------------------------------------
 KREL="$(uname -r)"
