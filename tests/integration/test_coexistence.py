@@ -28,6 +28,6 @@ def _perf_switches(tmp: Path) -> int:
 def test_perf_still_sees_sched_switch(pg_cluster: Any, tmp_path: Path) -> None:
     alone = _perf_switches(tmp_path)
     assert alone > 0
-    result, during = trace_during(AttachOptions(pids=[pg_cluster.postmaster_pid]),
+    _result, during = trace_during(AttachOptions(pids=[pg_cluster.postmaster_pid]),
                                   lambda _s: _perf_switches(tmp_path))
     assert during > alone * 0.2, (alone, during)
