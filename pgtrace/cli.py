@@ -110,6 +110,8 @@ Examples:
 @click.option("--dsn", default=None,
               help="Connect here once a second for the timeline (pg_stat_wal, checkpointer "
               "counters); without it only PSI is sampled.")
+@click.option("--sample-interval", type=click.FloatRange(min=0.05), default=1.0,
+              show_default=True, help="Seconds between timeline samples.")
 @click.option("--stacks", is_flag=True,
               help="Sample on-CPU stacks (99 Hz) and record off-CPU stacks per bucket; "
               "written as folded stacks next to -o (CAPTURE.oncpu.folded, .offcpu.folded).")
@@ -118,8 +120,9 @@ Examples:
 @click.argument("count", type=int, required=False)
 @_errors_to_exit
 def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
-           summary_json: str | None, query_text: bool, dsn: str | None, stacks: bool,
-           ebpf: bool, interval: float | None, count: int | None) -> None:
+           summary_json: str | None, query_text: bool, dsn: str | None,
+           sample_interval: float, stacks: bool, ebpf: bool, interval: float | None,
+           count: int | None) -> None:
     """Trace a running cluster and split every request's server time into buckets.
 
     Buckets: cpu, runqueue, fsync, wal_write, lwlock:<tranche>, lock:<type>,
@@ -139,7 +142,8 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
     from pgtrace.report.text import render_text
 
     opts = AttachOptions(pids=list(pids), duration=duration, interval=interval,
-                         count=count, query_text=query_text, dsn=dsn, stacks=stacks)
+                         count=count, query_text=query_text, dsn=dsn, stacks=stacks,
+                         sample_interval=sample_interval)
     printer = interval_printer(sys.stdout) if interval else None
 
     def ready(_session: Any) -> None:
