@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psycopg
+import uvloop
 from psycopg import pq
 
 from pgtrace.driver.workloads import Workload
@@ -343,4 +344,5 @@ async def _drive(
 
 def run_load(dsn: str, workload: Workload, **kwargs: Any) -> LoadResult:
     """Synchronous wrapper around run_load_async (its own event loop)."""
-    return asyncio.run(run_load_async(dsn, workload, **kwargs))
+    # uvloop's event loop costs the driver less CPU per request than asyncio's
+    return uvloop.run(run_load_async(dsn, workload, **kwargs))
