@@ -51,7 +51,10 @@ PGTRACE = os.path.join(os.path.dirname(sys.executable), "pgtrace")
 TABLE = get_workload("insert-bigint").table
 HOG_RATE = 3000.0  # requests/s: the driver keeps it up with and without the hogs
 #: least growth of the mean wake-up per request beside two hogs (see the module docstring)
-HOG_FACTOR = {"server_wakeup": 1.15, "client_wakeup": 3.0}
+# Least growth of the mean per request. Only the driver's: a woken backend usually
+# preempts a hog at once (wake-up preemption), so the server side's mean moved 0.9-1.7x
+# across runs here; what grows without fail on both sides is the tail below.
+HOG_FACTOR = {"client_wakeup": 3.0}
 HOG_TAIL_NS = 1_000_000  # a wake-up longer than this waited out a hog's time slice
 HOG_TAIL_FACTOR = 5.0  # least growth of the share of such wake-ups (measured >= 10x)
 
@@ -235,7 +238,8 @@ def test_wakeups_grow_beside_cpu_hogs(bucket: str,
     seen = (f"{bucket} per request {a / 1e3:.1f} us without hogs, {b / 1e3:.1f} us with two "
             f"({b / a if a else float('inf'):.2f}x); over {HOG_TAIL_NS / 1e6:g} ms: "
             f"{ta:.3%} of requests without, {tb:.3%} with; {len(calm)} / {len(hogged)} requests")
-    assert b >= HOG_FACTOR[bucket] * a, f"{seen}; expected >= {HOG_FACTOR[bucket]}x"
+    if bucket in HOG_FACTOR:
+        assert b >= HOG_FACTOR[bucket] * a, f"{seen}; expected >= {HOG_FACTOR[bucket]}x"
     assert tb >= HOG_TAIL_FACTOR * ta and tb > 0, f"{seen}; expected >= {HOG_TAIL_FACTOR}x"
 
 
