@@ -176,3 +176,9 @@ def compare_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
             row[f"{name} share"] = int(df[b].sum()) / total if total else 0.0
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def capture_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a capture: its rows, with the counters its header kept."""
+    return summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
+                   duration_s=header.get("duration_s", 0.0))

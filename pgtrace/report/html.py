@@ -34,11 +34,11 @@ from plotly.subplots import make_subplots  # type: ignore[import-untyped]
 from pgtrace import __version__
 from pgtrace.aggregate import (
     bucket_table,
+    capture_summary,
     compare_table,
     per_fingerprint,
     per_second,
     stats,
-    summary,
     wait_table,
 )
 from pgtrace.e2e import e2e_table, tail_shares
@@ -111,11 +111,6 @@ class Capture:
     def is_run(self) -> bool:
         return all(c in self.df.columns for c in E2E_MARKERS)
 
-
-def capture_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
-    """The engine summary of a capture (what `pgtrace report --format json` starts with)."""
-    return summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
-                   duration_s=header.get("duration_s", 0.0))
 
 
 # --- small helpers ------------------------------------------------------------------------

@@ -9,16 +9,10 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from pgtrace.aggregate import compare_table, per_fingerprint, per_second, summary
+from pgtrace.aggregate import capture_summary, compare_table, per_fingerprint, per_second
 from pgtrace.capture import read_capture
 from pgtrace.errors import UsageError
 from pgtrace.report.text import fmt_ns, render_e2e, render_text
-
-
-def capture_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
-    """The engine summary of a capture, from its rows and header."""
-    return summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
-                   duration_s=header.get("duration_s", 0.0))
 
 
 def json_report(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
