@@ -294,6 +294,7 @@ def _register_driver() -> None:
 
 
 _register_driver()
+cli.add_command(__import__("pgtrace.lab.command", fromlist=["lab"]).lab)  # `pgtrace lab`
 
 
 def _resolve_binary(pid: int | None, binary: str | None) -> str:
