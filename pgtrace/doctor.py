@@ -381,6 +381,28 @@ def check_target(pid: int) -> tuple[Check, str | None]:
     return Check("target", True, detail), t.binary
 
 
+def check_binary(path: str) -> Check:
+    """A server binary pgtrace traces: this machine's arch (x86_64), version 13 or newer."""
+    from pgtrace.target import (
+        MIN_MAJOR,
+        binary_version,
+        machine_name,
+        require_supported_binary,
+        support_problem,
+    )
+
+    fix = f"trace a PostgreSQL {MIN_MAJOR} or newer on x86_64"
+    try:
+        arch = machine_name(require_supported_binary(path))
+        version, major = binary_version(path)
+    except PgtraceError as exc:
+        return Check("binary", False, exc.message, exc.hint or fix)
+    problem = support_problem(major, None, os.uname().machine)
+    if problem is not None:
+        return Check("binary", False, f"cannot trace {path}: {problem}", fix)
+    return Check("binary", True, f"PostgreSQL {version} ({arch})")
+
+
 def check_usdt(path: str) -> list[Check]:
     """USDT probes of a binary, then the ones pgtrace cannot do without."""
     from pgtrace.elf.usdt import read_probes
@@ -440,6 +462,7 @@ def run_checks(
         checks.append(target)
         path = path or target_binary
     if path is not None:
+        checks.append(check_binary(path))
         checks.extend(check_usdt(path))
     return checks
 

@@ -38,6 +38,12 @@ class TargetError(PgtraceError):
     exit_code = 3
 
 
+class UnsupportedError(TargetError):
+    """A server pgtrace does not trace: a version below 13, or a binary for another arch."""
+
+    exit_code = 8
+
+
 class NoProbesError(PgtraceError):
     """The binary has no .note.stapsdt: built without --enable-dtrace."""
 

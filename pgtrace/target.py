@@ -7,17 +7,38 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import re
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
-from pgtrace.errors import TargetError
+from pgtrace.errors import TargetError, UnsupportedError
 
 PROC = "/proc"
 POSTGRES_EXES = frozenset({"postgres", "postmaster"})
 PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
 ROOT_HINT = "run as root: sudo pgtrace ..."
+
+#: The oldest major version traced: the probes, wait events and status-entry layout that
+#: pgtrace knows start here.
+MIN_MAJOR = 13
+#: Architectures whose USDT argument specs and pt_regs layout pgtrace reads (ELF e_machine
+#: -> name); `uname -m` spellings of the same.
+SUPPORTED_MACHINES = {"EM_X86_64": "x86_64"}
+SUPPORTED_HOSTS = frozenset({"x86_64", "amd64"})
+_MACHINE_NAMES = {
+    "EM_X86_64": "x86_64",
+    "EM_AARCH64": "aarch64",
+    "EM_386": "i386",
+    "EM_ARM": "arm",
+    "EM_PPC64": "ppc64",
+    "EM_PPC": "ppc",
+    "EM_S390": "s390x",
+    "EM_RISCV": "riscv64",
+    "EM_LOONGARCH": "loongarch64",
+    "EM_MIPS": "mips",
+}
 
 # Process-title prefixes of auxiliary processes and known background workers
 # (PostgreSQL 10..18), longest first where one is a prefix of another.
@@ -153,6 +174,26 @@ def parse_version(output: str) -> tuple[str, int]:
     if not m:
         raise ValueError(f"unrecognised version output: {output.strip()!r}")
     return m.group(1) + m.group(2), int(m.group(1))
+
+
+def machine_name(e_machine: str) -> str:
+    """The usual name of an ELF e_machine value: "EM_AARCH64" -> "aarch64"."""
+    return _MACHINE_NAMES.get(e_machine, e_machine.removeprefix("EM_").lower())
+
+
+def support_problem(major: int | None, e_machine: str | None, host: str) -> str | None:
+    """Why a server cannot be traced here (one phrase), or None when it can.
+
+    ``major`` None: the version is not known (not checked); ``e_machine`` None: the binary's
+    architecture is not known (not checked); ``host`` is `uname -m`.
+    """
+    if host not in SUPPORTED_HOSTS:
+        return f"this machine is {host}: pgtrace traces x86_64 only"
+    if e_machine is not None and e_machine not in SUPPORTED_MACHINES:
+        return f"it is built for {machine_name(e_machine)}: pgtrace traces x86_64 binaries only"
+    if major is not None and major < MIN_MAJOR:
+        return f"PostgreSQL {major} is too old: pgtrace needs {MIN_MAJOR} or newer"
+    return None
 
 
 # ---------------------------------------------------------------- /proc access
@@ -313,7 +354,11 @@ def find_target(pid: int) -> Target:
     binary = proc.exe
     if not os.path.exists(binary) and os.path.exists(f"{PROC}/{pm}/root{binary}"):
         binary = f"{PROC}/{pm}/root{binary}"  # another mount namespace (container)
+    require_supported_binary(binary if os.path.exists(binary) else f"{PROC}/{pm}/exe", pm)
     version, major = _running_version(pm, binary)
+    problem = support_problem(major, None, platform.machine())
+    if problem is not None:
+        raise UnsupportedError(f"cannot trace postmaster {pm} ({binary}, {version}): {problem}")
     data_major = _pg_version_file(pm)
     if data_major is not None and data_major.partition(".")[0] != str(major):
         raise TargetError(
@@ -330,6 +375,24 @@ def find_target(pid: int) -> Target:
         major=major,
         backends=list_backends(pm),
     )
+
+
+def binary_machine(path: str) -> str:
+    """The ELF e_machine of a binary ("EM_X86_64", "EM_AARCH64", ...)."""
+    from pgtrace.elf.usdt import open_elf
+
+    with open_elf(path) as elf:
+        return str(elf["e_machine"])
+
+
+def require_supported_binary(path: str, pm: int | None = None) -> str:
+    """The binary's e_machine; UnsupportedError when it or this machine is not x86_64."""
+    machine = binary_machine(path)
+    problem = support_problem(None, machine, platform.machine())
+    if problem is not None:
+        who = f"postmaster {pm} ({path})" if pm is not None else path
+        raise UnsupportedError(f"cannot trace {who}: {problem}")
+    return machine
 
 
 def binary_version(path: str) -> tuple[str, int]:

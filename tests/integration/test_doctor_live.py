@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from pgtrace import doctor
 from pgtrace.cli import cli
+from pgtrace.cluster import find_pg_bin
 from pgtrace.doctor import run_checks
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -29,7 +30,7 @@ MACHINE_CHECKS = [
     "bcc-load",
     "psi",
 ]
-TARGET_CHECKS = ["target", "usdt", "usdt-required"]
+TARGET_CHECKS = ["target", "binary", "usdt", "usdt-required"]
 
 
 def _failures(checks: list[doctor.Check]) -> list[doctor.Check]:
@@ -42,14 +43,15 @@ def test_machine_checks_pass() -> None:
     assert _failures(checks) == []
 
 
-def test_checks_with_a_live_server(pg_cluster: Any) -> None:
+def test_checks_with_a_live_server(pg_cluster: Any, pg_major: int) -> None:
     if not pg_cluster.postmaster_pid:
         pytest.skip("the test server's postmaster is not visible from this machine")
     checks = run_checks(pid=pg_cluster.postmaster_pid)
     assert [c.name for c in checks] == MACHINE_CHECKS + TARGET_CHECKS
     assert _failures(checks) == []
     by = {c.name: c for c in checks}
-    assert by["target"].detail.startswith("PostgreSQL 15.")
+    assert by["target"].detail.startswith(f"PostgreSQL {pg_major}.")
+    assert by["binary"].detail.startswith(f"PostgreSQL {pg_major}.")
     assert f"postmaster {pg_cluster.postmaster_pid}" in by["target"].detail
     assert "probe sites" in by["usdt"].detail
     assert by["usdt"].detail.endswith(os.path.realpath(f"{pg_cluster.bin_dir}/postgres"))
@@ -69,11 +71,12 @@ def test_cli_json_with_a_live_server(pg_cluster: Any) -> None:
         assert c["fix"] is None
 
 
-def test_cli_text() -> None:
-    res = CliRunner().invoke(cli, ["doctor", "--binary", "/usr/lib/postgresql/15/bin/postgres"])
+def test_cli_text(pg_bin: str | None) -> None:
+    binary = os.path.join(find_pg_bin(pg_bin=pg_bin), "postgres")
+    res = CliRunner().invoke(cli, ["doctor", "--binary", binary])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    assert len(lines) == len(MACHINE_CHECKS) + 2
+    assert len(lines) == len(MACHINE_CHECKS) + 3
     assert all(line.startswith("ok   ") for line in lines)
 
 

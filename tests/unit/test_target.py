@@ -255,3 +255,31 @@ def test_list_backends_lists_children() -> None:
             os.kill(kid.pid, signal.SIGKILL)
         parent.kill()
         parent.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("major", "machine", "host", "problem"),
+    [
+        (15, "EM_X86_64", "x86_64", None),
+        (13, "EM_X86_64", "x86_64", None),
+        (18, None, "x86_64", None),
+        (None, "EM_X86_64", "x86_64", None),
+        (12, "EM_X86_64", "x86_64", "PostgreSQL 12 is too old: pgtrace needs 13 or newer"),
+        (18, "EM_AARCH64", "x86_64",
+         "it is built for aarch64: pgtrace traces x86_64 binaries only"),
+        (18, "EM_PPC64", "x86_64", "it is built for ppc64: pgtrace traces x86_64 binaries only"),
+        (18, "EM_X86_64", "aarch64", "this machine is aarch64: pgtrace traces x86_64 only"),
+    ],
+)
+def test_support_problem(major: int | None, machine: str | None, host: str,
+                         problem: str | None) -> None:
+    assert target.support_problem(major, machine, host) == problem
+
+
+def test_machine_of_this_python() -> None:
+    import sys
+
+    assert target.binary_machine(sys.executable) == "EM_X86_64"
+    assert target.require_supported_binary(sys.executable) == "EM_X86_64"
+    assert target.machine_name("EM_AARCH64") == "aarch64"
+    assert target.machine_name("EM_SPARCV9") == "sparcv9"
