@@ -20,6 +20,11 @@ WRITE_SETTINGS: tuple[str, ...] = (
     "checkpoint_timeout",
     "max_wal_size",
     "track_activities",
+    # PostgreSQL 18+ (left out on older servers): asynchronous I/O, which moves relation
+    # reads to I/O workers (worker) or the kernel (io_uring)
+    "io_method",
+    "io_workers",
+    "io_max_concurrency",
 )
 
 

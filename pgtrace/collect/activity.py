@@ -13,8 +13,9 @@ import struct
 from pgtrace.elf.symbols import object_address
 from pgtrace.elf.usdt import load_segments, open_elf
 
-#: offsetof(PgBackendStatus, st_activity_raw) on 64-bit Linux, by major version.
-ACTIVITY_RAW_OFFSET: dict[int, int] = {13: 248, 14: 248, 15: 248, 16: 248}
+#: offsetof(PgBackendStatus, st_activity_raw) on 64-bit Linux, by major version. The fields
+#: before it (utils/backend_status.h) are the same from 13 to 18; 18 adds st_plan_id after it.
+ACTIVITY_RAW_OFFSET: dict[int, int] = {13: 248, 14: 248, 15: 248, 16: 248, 17: 248, 18: 248}
 #: offsetof(PgBackendStatus, st_procpid).
 PROCPID_OFFSET = 4
 
