@@ -97,7 +97,7 @@ def _load_workers(spec: LoadSpec, workers: int, summary_json: str | None) -> Non
     """The load split over worker processes; one summary over all of them."""
     workload = spec.build()
     with _connect_sync(spec.dsn) as conn:
-        workload.setup(conn)
+        workload = workload.setup(conn)  # uuidv7: the server's own where it has one
     with tempfile.TemporaryDirectory() as tmp:
         frame, duration, code = join_workers(start_workers(spec, tmp, workers))
     if frame.empty:
@@ -127,7 +127,7 @@ def _result_line(name: str, summary: dict[str, Any]) -> None:
 def _load(spec: LoadSpec, summary_json: str | None, drop: bool, frame_out: str | None) -> None:
     workload = spec.build()
     with _connect_sync(spec.dsn) as conn:
-        workload.setup(conn)
+        workload = workload.setup(conn)  # uuidv7: the server's own where it has one
     try:
         result = run_load(spec.dsn, workload, runners=spec.runners,
                           connections=spec.connections, duration_s=spec.duration,

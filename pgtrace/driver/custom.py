@@ -59,8 +59,9 @@ class CustomWorkload(Workload):
     def wire_params(self) -> list[bytes | None]:
         return [make().encode() for _name, make in self.variables]
 
-    def setup(self, conn: psycopg.Connection[Any]) -> None:
+    def setup(self, conn: psycopg.Connection[Any]) -> Workload:
         """Nothing to create: the statement's tables are the user's."""
+        return self
 
     def teardown(self, conn: psycopg.Connection[Any]) -> None:
         """Nothing to drop."""

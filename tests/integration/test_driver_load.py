@@ -250,3 +250,43 @@ def test_sql_file(dsn: str, conn: Conn, tmp_path: Path) -> None:
                        "from custom_t").fetchone()
     assert row is not None and row[0] == 30 and 1 <= row[1] <= row[2] <= 5 and row[3]
     conn.execute("drop table custom_t")
+
+
+def _key_default(conn: Conn, table: str) -> str | None:
+    row = conn.execute(
+        "select pg_get_expr(d.adbin, d.adrelid) from pg_attribute a"
+        " left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum"
+        " where a.attrelid = to_regclass(%s) and a.attname = 'id'", (table,)).fetchone()
+    assert row is not None, f"{table} has no id column"
+    return None if row[0] is None else str(row[0])
+
+
+@pytest.mark.pg(">= 18")
+def test_uuidv7_from_the_servers_uuidv7(dsn: str, conn: Conn) -> None:
+    """PostgreSQL 18 has uuidv7(): the workload lets the server make the key."""
+    w = get_workload("insert-uuidv7")
+    conn.execute(f"drop table if exists {w.table}")
+    native = w.setup(conn)
+    assert native.insert_columns == ("payload",) and native.id_factory is None
+    assert native.prepared_sql == f"insert into {w.table} (payload) values ($1)".encode()
+    assert _key_default(conn, w.table) == "uuidv7()"
+    res = _invoke(["--dsn", dsn, "--workload", "insert-uuidv7", "--runners", "2",
+                   "--count", "300"])
+    assert res.exit_code == 0, res.output
+    assert "300 requests, 0 errors" in res.output
+    row = conn.execute(f"select count(*), count(distinct id), bool_and(uuid_extract_version(id)"
+                       f" = 7) from {w.table}").fetchone()
+    assert row == (300, 300, True)
+    conn.execute(f"drop table {w.table}")
+
+
+@pytest.mark.pg("< 18")
+def test_uuidv7_from_the_driver_before_18(conn: Conn) -> None:
+    """No uuidv7() before PostgreSQL 18: the driver makes the key, the column has no default."""
+    w = get_workload("insert-uuidv7")
+    conn.execute(f"drop table if exists {w.table}")
+    row = conn.execute("select to_regprocedure('uuidv7()')").fetchone()
+    assert row == (None,)
+    assert w.setup(conn) == w
+    assert _key_default(conn, w.table) is None
+    conn.execute(f"drop table {w.table}")
