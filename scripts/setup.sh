@@ -115,7 +115,8 @@ apt_install "bcc and build tools" \
     bpfcc-tools python3-bpfcc python3-venv systemtap-sdt-dev gcc
 # HTML reports: PNG export (kaleido) and the browser test draw with Chromium;
 # perf: the tests check that pgtrace leaves tracepoint events to other tracers
-apt_install "chromium and perf" chromium linux-perf
+# vagrant: the tests run `vagrant validate` on vagrant/Vagrantfile
+apt_install "chromium, perf and vagrant" chromium linux-perf vagrant
 
 # --- kernel headers -----------------------------------------------------------------------
 KREL="$(uname -r)"
