@@ -12,16 +12,43 @@ from typing import Any
 
 import psycopg
 
-#: pg_stat_wal and pg_stat_bgwriter columns sampled (PostgreSQL 14-16 names).
-SERVER_SQL = """
-select w.wal_records, w.wal_fpi, w.wal_bytes::bigint, w.wal_write, w.wal_sync,
-       w.wal_write_time, w.wal_sync_time,
-       b.checkpoints_timed, b.checkpoints_req, b.buffers_checkpoint, b.buffers_backend,
-       b.buffers_clean,
-       (select count(*) from pg_stat_activity
-         where state = 'active' and backend_type = 'client backend') as active_backends
-  from pg_stat_wal w, pg_stat_bgwriter b
-"""
+_ACTIVE = """(select count(*) from pg_stat_activity
+         where state = 'active' and backend_type = 'client backend') as active_backends"""
+#: WAL writes and syncs: pg_stat_wal up to 17, pg_stat_io (object 'wal', context 'normal':
+#: not the zero-filling of new segments) from 18
+_WAL_IO_14 = "w.wal_write, w.wal_sync, w.wal_write_time, w.wal_sync_time"
+_WAL_IO_18 = """(select sum(writes) from pg_stat_io where object = 'wal' and context = 'normal'),
+       (select sum(fsyncs) from pg_stat_io where object = 'wal' and context = 'normal'),
+       (select sum(write_time) from pg_stat_io where object = 'wal' and context = 'normal'),
+       (select sum(fsync_time) from pg_stat_io where object = 'wal' and context = 'normal')"""
+#: checkpointer counters: pg_stat_bgwriter up to 16, pg_stat_checkpointer from 17 (the
+#: backends' own buffer writes then come from pg_stat_io)
+_CKPT_16 = "b.checkpoints_timed, b.checkpoints_req, b.buffers_checkpoint, b.buffers_backend"
+_CKPT_17 = """c.num_timed, c.num_requested, c.buffers_written,
+       (select sum(writes) from pg_stat_io where object = 'relation'
+         and backend_type not in ('checkpointer', 'background writer'))"""
+
+
+def server_sql(server_version_num: int) -> str:
+    """The sampling query for a server (``server_version_num``, e.g. 180001): the columns of
+    SERVER_COLUMNS, under their PostgreSQL 14-16 names whatever the version calls them."""
+    major = server_version_num // 10000
+    wal_io = _WAL_IO_18 if major >= 18 else _WAL_IO_14
+    ckpt = _CKPT_17 if major >= 17 else _CKPT_16
+    sources = "pg_stat_wal w, pg_stat_bgwriter b"
+    if major >= 17:
+        sources += ", pg_stat_checkpointer c"
+    if major < 14:  # no pg_stat_wal before 14
+        wal = "null, null, null, null, null, null, null"
+        sources = "pg_stat_bgwriter b"
+    else:
+        wal = f"w.wal_records, w.wal_fpi, w.wal_bytes::bigint, {wal_io}"
+    return f"select {wal},\n       {ckpt},\n       b.buffers_clean,\n       {_ACTIVE}\n" \
+        f"  from {sources}"
+
+
+#: The query for PostgreSQL 14-16.
+SERVER_SQL = server_sql(160000)
 SERVER_COLUMNS = (
     "wal_records", "wal_fpi", "wal_bytes", "wal_write", "wal_sync", "wal_write_time",
     "wal_sync_time", "checkpoints_timed", "checkpoints_req", "buffers_checkpoint",
@@ -52,6 +79,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgtrace-sampler", daemon=True)
         self._conn: psycopg.Connection[Any] | None = None
+        self._sql = SERVER_SQL
 
     def start(self) -> None:
         """Begin sampling (the first sample is taken at once)."""
@@ -59,6 +87,7 @@ class Sampler:
             try:
                 self._conn = psycopg.connect(self.dsn, autocommit=True,
                                              application_name="pgtrace sampler")
+                self._sql = server_sql(self._conn.info.server_version)
             except psycopg.Error as exc:
                 self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         self._thread.start()
@@ -89,7 +118,7 @@ class Sampler:
         }
         if self._conn is not None:
             try:
-                values = self._conn.execute(SERVER_SQL).fetchone()
+                values = self._conn.execute(self._sql.encode()).fetchone()
             except psycopg.Error as exc:
                 self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 self._conn = None
