@@ -113,7 +113,10 @@ def _print_result(result: Any, scale: str, json_path: str | None) -> None:
 
     exp = result.experiment
     click.echo(f"## {exp.name} (seed {exp.seed}): {exp.title}\n")
-    click.echo(exp.description + "\n")
+    description = exp.description
+    for key, value in exp.scale(scale).params.items():
+        description = description.replace("{" + key + "}", f"{value:,}")
+    click.echo(description + "\n")
     for note in result.notes:
         click.echo(f"({note})")
     click.echo("")

@@ -23,6 +23,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("catalog_bytes_before", "catalogs before", "bytes"),
     ("catalog_bytes_after", "catalogs after", "bytes"),
     ("catalog_dead_after_vacuum", "dead after vacuum", "{:,d}"),
+    ("catalog_dead_after_release_vacuum", "dead after release + vacuum", "{:,d}"),
     ("tps_trend", "tps last/first third", "{:.2f}"),
     ("latency_ms_mean", "mean ms", "{:.2f}"),
     ("latency_ms_p99", "p99 ms", "{:.2f}"),

@@ -89,8 +89,15 @@ def _strs(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+_VARIANT_KEYS = {"name", "label", "sql", "workload", "batch_rows", "table", "gucs", "setup",
+                 "teardown", "hold_horizon"}
+
+
 def _variant(d: dict[str, Any], where: str) -> Variant:
     name = str(d["name"])
+    extra = sorted(set(d) - _VARIANT_KEYS)
+    if extra:
+        raise UsageError(f"{where}: variant {name} has unknown keys {extra}")
     if ("sql" in d) == ("workload" in d):
         raise UsageError(f"{where}: variant {name} needs exactly one of sql, workload")
     return Variant(
