@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psycopg
+import uvloop
 from psycopg import pq
 
 from pgtrace.driver.workloads import Workload
@@ -79,6 +81,13 @@ class RequestError(Exception):
 
 
 _STMT = b"pgtrace_load"
+# a request still waiting for its reply after one to two periods gets its socket checked
+LIVENESS_S = 0.5
+_HANGUP = select.POLLERR | select.POLLHUP
+_SESSION_ENDS = (b"FATAL", b"PANIC")  # severities after which the server closes the session
+# plain ints: the per-reply checks skip the enum lookups
+_COMMAND_OK = int(pq.ExecStatus.COMMAND_OK)
+_COPY_IN = int(pq.ExecStatus.COPY_IN)
 
 
 class _Wire:
@@ -87,6 +96,13 @@ class _Wire:
     psycopg's Python-level execute costs more client CPU than the server spends on a
     single-row insert; sending the prepared statement through psycopg's libpq binding
     (``conn.pgconn``) keeps the driver within reach of pgbench.
+
+    A request ends when the reply is complete or the connection is lost. The loop's
+    reader callback normally sees both, but an event loop may drop it: on a socket
+    error (POLLERR, e.g. the backend exited with our next request unread) uvloop runs
+    the reader once and then closes its watcher for good. So a FATAL error ends the
+    request at once (no ReadyForQuery follows), and ``check``, called by the run's
+    watchdog for requests waiting longer than LIVENESS_S, looks at the socket itself.
     """
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], workload: Workload,
@@ -108,6 +124,8 @@ class _Wire:
                 raise ServerError(f"cannot prepare the insert of {workload.name}: {msg}")
         self.pg.nonblocking = 1
         self.fd = self.pg.socket
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLIN)
         loop.add_reader(self.fd, self._readable)
 
     def close(self) -> None:
@@ -123,34 +141,66 @@ class _Wire:
         else:
             fut.set_exception(error)
 
+    def _lost(self, message: str) -> None:
+        """The connection is gone: stop watching it and fail the request in flight."""
+        if not self.dead:
+            self.dead = True
+            self.loop.remove_reader(self.fd)
+        self.error = None
+        self._finish(RequestError(message or "connection to the server was lost", broken=True))
+
     def _readable(self) -> None:
         pg = self.pg
         try:
             pg.consume_input()
-        except psycopg.Error as exc:
-            self.dead = True
-            self.loop.remove_reader(self.fd)
-            self._finish(RequestError(server_error_line(exc), broken=True))
-            return
-        if self.fut is None:
-            return
-        while not pg.is_busy():
-            res = pg.get_result()
-            if res is None:
-                error, self.error = self.error, None
-                self._finish(error)
+            if self.fut is None:
+                # nothing asked: a notice, or the server ending the session
+                if self._hung_up():
+                    pg.consume_input()  # past the last message: raises with libpq's reason
+                    self._lost("")
                 return
-            if res.status == pq.ExecStatus.COPY_IN:
-                # the server waits for the rows: send them all and end the copy
-                pg.put_copy_data(self.copy_data)
-                pg.put_copy_end(None)
-                while pg.flush():
-                    pass
-                continue
-            if res.status != pq.ExecStatus.COMMAND_OK and self.error is None:
-                msg = res.error_message.decode("utf-8", "replace").strip()
-                self.error = RequestError(server_error_line(msg) or "request failed",
-                                          broken=pg.status == pq.ConnStatus.BAD)
+            while not pg.is_busy():
+                res = pg.get_result()
+                if res is None:
+                    error, self.error = self.error, None
+                    self._finish(error)
+                    return
+                status = res.status
+                if status == _COMMAND_OK:
+                    continue
+                if status == _COPY_IN:
+                    # the server waits for the rows: send them all and end the copy
+                    pg.put_copy_data(self.copy_data)
+                    pg.put_copy_end(None)
+                    while pg.flush():
+                        pass
+                    continue
+                msg = server_error_line(res.error_message.decode("utf-8", "replace"))
+                severity = res.error_field(pq.DiagnosticField.SEVERITY_NONLOCALIZED)
+                if severity in _SESSION_ENDS or pg.status == pq.ConnStatus.BAD:
+                    self._lost(msg)
+                    return
+                if self.error is None:
+                    self.error = RequestError(msg or "request failed", broken=False)
+        except psycopg.Error as exc:
+            self._lost(server_error_line(exc))
+
+    def _hung_up(self) -> bool:
+        events = self.poller.poll(0)
+        return bool(events and events[0][1] & _HANGUP) or self.pg.status == pq.ConnStatus.BAD
+
+    def check(self) -> None:
+        """Liveness of a request waiting long: end it if the connection is gone.
+
+        Reads whatever the socket holds (as the reader callback would) when it is readable
+        or hung up, so a lost reader callback costs at most a watchdog period.
+        """
+        if self.dead or self.fut is None:
+            return
+        if self.pg.status == pq.ConnStatus.BAD:
+            self._lost("")
+        elif self.poller.poll(0):
+            self._readable()
 
     async def execute(self, params: list[bytes | None] | bytes) -> None:
         """Send one request (a prepared insert, or a COPY of rows) and wait for its reply."""
@@ -167,10 +217,25 @@ class _Wire:
             while pg.flush():
                 await asyncio.sleep(0)
         except psycopg.Error as exc:
-            raise RequestError(server_error_line(exc),
-                               broken=pg.status == pq.ConnStatus.BAD) from None
+            broken = pg.status == pq.ConnStatus.BAD
+            if broken and not self.dead:
+                self.dead = True
+                self.loop.remove_reader(self.fd)
+            raise RequestError(server_error_line(exc), broken=broken) from None
         self.fut = self.loop.create_future()
         await self.fut
+
+
+async def _watch(wires: list[_Wire], period_s: float) -> None:
+    """Every period, check the wires whose request has been waiting since the last one."""
+    seen: list[asyncio.Future[None] | None] = [None] * len(wires)
+    while True:
+        await asyncio.sleep(period_s)
+        for i, w in enumerate(wires):
+            fut = w.fut
+            if fut is not None and fut is seen[i]:
+                w.check()
+            seen[i] = fut
 
 
 class _FairPool:
@@ -235,11 +300,15 @@ async def run_load_async(
         raise failed[0]
     loop = asyncio.get_running_loop()
     wires: list[_Wire] = []
+    watchdog: asyncio.Task[None] | None = None
     try:
         for c in good:
             wires.append(_Wire(c, workload, loop))
+        watchdog = asyncio.create_task(_watch(wires, LIVENESS_S))
         return await _drive(wires, workload, runners, duration_s, count, rate, on_progress)
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for w in wires:
             w.close()
         for c in good:
@@ -342,7 +411,9 @@ async def _drive(
 
 
 def run_load(dsn: str, workload: Workload, **kwargs: Any) -> LoadResult:
-    """Synchronous wrapper around run_load_async (its own event loop)."""
-    # uvloop was faster (0.92-0.93 of pgbench) but left a request waiting forever when
-    # the server restarted under it: plain asyncio until that is understood
-    return asyncio.run(run_load_async(dsn, workload, **kwargs))
+    """Synchronous wrapper around run_load_async (its own uvloop event loop).
+
+    uvloop costs the driver less CPU per request than asyncio's loop (issue 4's speed
+    target); the run does not depend on its reader callbacks firing after a socket error.
+    """
+    return uvloop.run(run_load_async(dsn, workload, **kwargs))

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import select
+import struct
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import uvloop
 from click.testing import CliRunner
 
+from pgtrace.driver import runner
 from pgtrace.driver.command import load
-from pgtrace.driver.runner import run_load
+from pgtrace.driver.runner import RequestError, run_load
 from pgtrace.driver.workloads import WORKLOADS, get_workload
 from pgtrace.errors import ServerError
 
@@ -218,6 +225,67 @@ def test_server_restart_mid_run(tmp_path: Path) -> None:
         s = json.loads(out.read_text())
         assert s["requests"] > 100
         assert s["duration_s"] < 20
+
+
+LOOPS: dict[str, Callable[[Coroutine[Any, Any, float]], float]] = {
+    "uvloop": uvloop.run, "asyncio": asyncio.run}
+
+
+@pytest.mark.parametrize("ending", ["fatal", "watchdog"])
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_request_ends_when_backend_exits_with_our_bytes_unread(
+        loop_name: str, ending: str, dsn: str, conn: Conn,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restart hang, made deterministic: a backend that exits with bytes of ours unread
+    leaves our socket with an error (POLLERR) behind its FATAL message. uvloop then runs the
+    reader once (it reads the FATAL, the request still waits for ReadyForQuery) and closes its
+    watcher. The FATAL ends the request at once; with that path off ("watchdog"), the
+    liveness check alone must end it within a few periods."""
+    if ending == "watchdog":
+        monkeypatch.setattr(runner, "_SESSION_ENDS", ())
+    w = get_workload("insert-bigint")
+    conn.execute(f"drop table if exists {w.table}")
+    w.setup(conn)
+    lock_conn: Conn = psycopg.connect(dsn)  # holds the table: the insert waits, request read
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        wire = runner._Wire(aconn, w, loop)
+        watchdog = asyncio.create_task(runner._watch([wire], runner.LIVENESS_S))
+        try:
+            lock_conn.execute(f"lock table {w.table} in access exclusive mode")
+            request = asyncio.create_task(wire.execute(w.wire_params()))
+            deadline = time.monotonic() + 10
+            while conn.execute("select wait_event_type from pg_stat_activity where pid = %s",
+                               (wire.pid,)).fetchone() != ("Lock",):
+                assert time.monotonic() < deadline, "the insert never waited on the lock"
+                await asyncio.sleep(0.01)
+            # a Sync the blocked backend will never read, then end the backend; the loop
+            # runs again only once our socket has both the FATAL and the error (POLLERR)
+            os.write(wire.fd, b"S" + struct.pack("!i", 4))
+            conn.execute("select pg_terminate_backend(%s)", (wire.pid,))
+            hangup = select.poll()
+            hangup.register(wire.fd, 0)  # errors and hang-ups only
+            events = hangup.poll(10_000)
+            assert events and events[0][1] & select.POLLERR, events
+            t0 = time.monotonic()
+            with pytest.raises(RequestError) as err:
+                await asyncio.wait_for(request, 10)
+            assert err.value.broken
+            assert wire.dead
+            return time.monotonic() - t0
+        finally:
+            watchdog.cancel()
+            wire.close()
+            await aconn.close()
+
+    try:
+        elapsed = LOOPS[loop_name](scenario())
+    finally:
+        lock_conn.close()
+    assert elapsed < (1.0 if ending == "fatal" else 3 * runner.LIVENESS_S + 1.0)
+    w.teardown(conn)
 
 
 @pytest.mark.parametrize("copy", [False, True])
