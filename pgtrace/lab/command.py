@@ -59,10 +59,12 @@ def _progress_bar() -> Iterator[Callable[[Any], None]]:
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
-        task = bar.add_task("starting", total=1.0)
+        tasks: list[Any] = []
 
         def update(p: Any) -> None:
-            bar.update(task, description=p.label, completed=p.done_s,
+            if not tasks:  # shown from the first update, once the checks have passed
+                tasks.append(bar.add_task(p.label, total=max(p.total_s, 1e-9)))
+            bar.update(tasks[0], description=p.label, completed=p.done_s,
                        total=max(p.total_s, 1e-9))
 
         yield update
@@ -90,12 +92,13 @@ def run(name: str, quick: bool, dsn: str | None, json_path: str | None,
     Prints a markdown table (tps, index sizes, WAL and FPI per row, the largest
     server buckets, ...) and whether each hypothesis holds on this run.
     """
-    from pgtrace.lab.runner import LabOptions, LabResult, run_lab
+    from pgtrace.lab.runner import LabOptions, LabResult, check_lab, run_lab
 
     scale = "smoke" if smoke else "quick" if quick else "full"
     opts = LabOptions(name=name, scale=scale, dsn=dsn, out_dir=output_dir, duration=duration)
     result: LabResult
     try:
+        check_lab(opts)
         if no_progress:
             result = run_lab(opts)
         else:

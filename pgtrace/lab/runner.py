@@ -111,9 +111,6 @@ def _check_absent(dsn: str, tables: list[str]) -> None:
 def _server(exp: Experiment, dsn: str | None, notes: list[str]) -> Iterator[str]:
     """The given server, or a private cluster (with a throttled pg_wal if the spec asks)."""
     if dsn is not None:
-        if exp.wal_device:
-            raise UsageError(f"{exp.name} moves pg_wal to a throttled device: it runs on a "
-                             "private cluster only", "leave out --dsn")
         if exp.cluster_settings:
             notes.append("given server: cluster settings "
                          + ", ".join(f"{k}={v}" for k, v in exp.cluster_settings.items())
@@ -285,13 +282,22 @@ class _Engine:
         self.captures.append(path)
 
 
-def run_lab(opts: LabOptions,
-            on_progress: Callable[[LabProgress], None] | None = None) -> LabResult:
-    """Run one experiment; restore the cluster on success, error and Ctrl-C alike."""
+def check_lab(opts: LabOptions) -> Experiment:
+    """The experiment to run; UsageError/NotRootError before anything starts."""
     exp = get_experiment(opts.name)
     if opts.scale not in exp.scales:
         raise UsageError(f"unknown scale {opts.scale!r}")
+    if opts.dsn is not None and exp.wal_device:
+        raise UsageError(f"{exp.name} moves pg_wal to a throttled device: it runs on a "
+                         "private cluster only", "leave out --dsn")
     check_root()
+    return exp
+
+
+def run_lab(opts: LabOptions,
+            on_progress: Callable[[LabProgress], None] | None = None) -> LabResult:
+    """Run one experiment; restore the cluster on success, error and Ctrl-C alike."""
+    exp = check_lab(opts)
     notes: list[str] = []
     with Interrupt() as intr, tempfile.TemporaryDirectory(prefix="pgtrace-lab-") as tmp:
         with _server(exp, opts.dsn, notes) as dsn:

@@ -211,3 +211,11 @@ def test_pk_types_quick_end_to_end(tmp_path: Path) -> None:
     index_hyps = [t for t in hyps if t.startswith("rebuilt index")]
     assert len(index_hyps) == 2
     assert all(hyps[t] for t in index_hyps), (ratios, res.stdout)
+
+
+def test_not_root_is_one_line_and_exit_77() -> None:
+    res = subprocess.run(["runuser", "-u", "nobody", "--", PGTRACE, "lab", "run", "pk-types",
+                          "--smoke"], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 77, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "pgtrace: tracing needs root (CAP_BPF and CAP_PERFMON) (run it with sudo)"]

@@ -68,3 +68,25 @@ def test_unknown_experiment_lists_the_names() -> None:
         get_experiment("nope")
     assert "unknown experiment 'nope'" in err.value.line()
     assert "pk-types" in err.value.line()
+
+
+def test_cli_unknown_experiment_is_one_line_and_exit_2() -> None:
+    from click.testing import CliRunner
+
+    from pgtrace.cli import cli
+
+    res = CliRunner().invoke(cli, ["lab", "run", "nope"])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pgtrace: unknown experiment 'nope'")
+
+
+def test_cli_list_names_every_experiment() -> None:
+    from click.testing import CliRunner
+
+    from pgtrace.cli import cli
+
+    res = CliRunner().invoke(cli, ["lab", "list"])
+    assert res.exit_code == 0
+    assert [line.split()[0] for line in res.output.splitlines()
+            if not line.startswith(" ")] == EXPECTED
