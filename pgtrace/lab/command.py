@@ -123,7 +123,7 @@ def _print_result(result: Any, scale: str, json_path: str | None) -> None:
     for note in result.notes:
         click.echo(f"({note})")
     click.echo("")
-    click.echo(markdown(result.rows, result.hypotheses, list(E2E_BUCKETS)))
+    click.echo(markdown(result.rows, result.hypotheses, list(E2E_BUCKETS), exp.columns))
     for path in result.captures:
         click.echo(f"wrote {path}", err=True)
     if json_path:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgtrace.model import REPORT_BUCKETS
+from pgtrace.lab.hypotheses import metric
+from pgtrace.model import E2E_BUCKETS, REPORT_BUCKETS
 
 Row = dict[str, Any]
 
@@ -66,20 +67,33 @@ def with_ratio(row: Row) -> Row:
     return row
 
 
+def _metric_cell(row: Row, name: str) -> str:
+    value = metric(row, name, list(REPORT_BUCKETS), list(E2E_BUCKETS))
+    if value is None:
+        return ""
+    if "share:" in name:
+        return f"{value:.1%}"
+    return f"{value / 1e6:.2f} ms" if name.startswith("per_request:") else f"{value:.3g}"
+
+
 def markdown(rows: list[Row], hypotheses: list[dict[str, Any]],
-             e2e_names: list[str] | None = None) -> str:
-    """The results table, then the hypotheses with holds / does not hold."""
+             e2e_names: list[str] | None = None, columns: tuple[str, ...] = ()) -> str:
+    """The results table, then the hypotheses with holds / does not hold.
+
+    `columns` are extra metric columns (see hypotheses.metric), e.g. share:fsync.
+    """
     rows = [with_ratio(r) for r in rows]
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     if all(r.get("rows_per_s") == r.get("tps") for r in rows):  # one row per request
         cols = [c for c in cols if c[0] != "rows_per_s"]
-    head = ["variant", "runners", *(t for _f, t, _fmt in cols), "server time"]
+    head = ["variant", "runners", *(t for _f, t, _fmt in cols), *columns, "server time"]
     if e2e_names:
         head.append("client latency")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["variant"]), str(r["runners"])]
         cells += [_cell(r.get(f), fmt) for f, _t, fmt in cols]
+        cells += [_metric_cell(r, name) for name in columns]
         cells.append(top_buckets(r.get("buckets_ns", {}), list(REPORT_BUCKETS)))
         if e2e_names:
             cells.append(top_buckets(r.get("e2e_ns", {}), e2e_names))

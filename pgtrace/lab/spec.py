@@ -75,6 +75,7 @@ class Experiment:
     teardown: tuple[str, ...] = ()
     cluster_settings: dict[str, str] = field(default_factory=dict)  # private cluster only
     wal_device: dict[str, int] = field(default_factory=dict)  # throttled pg_wal (private)
+    columns: tuple[str, ...] = ()   # extra table columns: hypothesis metrics (share:..., ...)
 
     def scale(self, name: str) -> Scale:
         """The runner levels, duration and parameters of scale `name`."""
@@ -154,6 +155,7 @@ def parse_spec(text: str, where: str) -> Experiment:
             setup=_strs(d.get("setup", []), where), teardown=_strs(d.get("teardown", []), where),
             cluster_settings={k: str(v) for k, v in d.get("cluster_settings", {}).items()},
             wal_device={k: int(v) for k, v in d.get("wal_device", {}).items()},
+            columns=_strs(d.get("columns", []), where),
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{where}: bad experiment spec ({type(exc).__name__}: {exc})") from None

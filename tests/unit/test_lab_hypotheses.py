@@ -68,3 +68,9 @@ def test_markdown_shows_present_columns_and_verdicts() -> None:
     assert "catalogs" not in text
     assert "**holds**" in text and "seed: 0.74" in text
     assert top_buckets(ROWS[0]["buckets_ns"], SERVER) == "lwlock:WALWrite 60%, fsync 30%, cpu 10%"
+
+
+def test_markdown_extra_metric_columns() -> None:
+    text = markdown(ROWS[:1], [], columns=("share:fsync", "per_request:lwlock", "index_ratio"))
+    assert "| share:fsync | per_request:lwlock | index_ratio |" in text
+    assert "| 30.0% | 0.00 ms | 0.74 |" in text
