@@ -2,7 +2,8 @@
 
 - ``pg_cluster`` (session): a private throwaway cluster (pgtrace.cluster.start_cluster), or
   the server named by ``$PGTRACE_TEST_DSN`` (used as is, never stopped).
-  ``--pg-bin DIR`` / ``$PGTRACE_TEST_PGBIN`` choose the server's bin dir.
+  ``--pg-bin DIR`` / ``$PGTRACE_TEST_PGBIN`` choose the server's bin dir, for every cluster
+  the session starts (it is passed on as ``$PGTRACE_PGBIN``).
 - ``dsn`` (session, str) and ``conn`` (function, autocommit psycopg connection).
 - Tests marked ``root`` are skipped when not root, tests marked ``bpf`` when bcc cannot be
   imported. Under ``CI=true`` a skipped root/bpf test fails instead, and the session fails
@@ -53,6 +54,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Every cluster the tests start, also those started without a bin dir (fixtures of their
+    # own, `pgtrace run` without --dsn), uses the chosen server: pgtrace.cluster.find_pg_bin
+    # takes $PGTRACE_PGBIN when no bin dir is given.
+    pg_bin = config.getoption("--pg-bin")
+    if pg_bin:
+        os.environ["PGTRACE_PGBIN"] = os.path.abspath(pg_bin)
     config.addinivalue_line("markers", "root: needs root (BPF, uprobes, initdb as postgres)")
     config.addinivalue_line("markers", "bpf: loads real BPF programs")
     config.addinivalue_line(
@@ -308,7 +315,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     with contextlib.suppress(Exception):  # no server at all: a unit-test-only machine
         line += f"; server under test: PostgreSQL {_major_under_test(config)}"
     if stats["version_skipped"]:
-        line += f", {stats['version_skipped']} tests not for this version"
+        n = stats["version_skipped"]
+        line += f", {n} test{'s' if n != 1 else ''} not for this version"
     terminalreporter.write_line(line)
     if _in_ci() and stats["collected_bpf"] > 0 and stats["ran_bpf"] == 0:
         terminalreporter.write_line(

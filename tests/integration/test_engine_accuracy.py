@@ -123,10 +123,18 @@ class BenchRun:
 
 
 def wal_stats(conn: Conn) -> dict[str, Any]:
-    cur = conn.execute(
-        "select wal_sync, wal_sync_time, wal_write, wal_write_time,"
-        " pg_walfile_name(pg_current_wal_lsn()) as segment from pg_stat_wal"
-    )
+    if conn.info.server_version >= 180000:  # WAL I/O moved from pg_stat_wal to pg_stat_io
+        cur = conn.execute(
+            "select sum(fsyncs) as wal_sync, sum(fsync_time) as wal_sync_time,"
+            " sum(writes) as wal_write, sum(write_time) as wal_write_time,"
+            " pg_walfile_name(pg_current_wal_lsn()) as segment from pg_stat_io"
+            " where object = 'wal' and context = 'normal'"
+        )
+    else:
+        cur = conn.execute(
+            "select wal_sync, wal_sync_time, wal_write, wal_write_time,"
+            " pg_walfile_name(pg_current_wal_lsn()) as segment from pg_stat_wal"
+        )
     row = cur.fetchone()
     assert row is not None and cur.description is not None
     return {d.name: v for d, v in zip(cur.description, row, strict=True)}
