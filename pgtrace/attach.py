@@ -20,6 +20,7 @@ from pgtrace.collect.activity import locate_activity
 from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, runq_frame
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
+from pgtrace.collect.waitevent import io_contexts, locate_wait_event_info
 from pgtrace.errors import TargetError, UsageError
 from pgtrace.sampler import Sampler
 from pgtrace.settings import server_settings
@@ -43,6 +44,7 @@ class AttachOptions:
     sample_interval: float = 1.0
     stacks: bool = False            # on/off-CPU stacks for flame graphs
     stack_hz: int = 99
+    lwlock_probes: bool = False     # LWLock waits from USDT probes, not wait events
 
 
 @dataclass
@@ -130,6 +132,25 @@ def _activity_constants(target: Target, settings: dict[str, str]) -> dict[str, i
     return {"mybeentry_addr": found[0], "activity_raw_off": found[1]}
 
 
+def _engine_constants(target: Target, settings: dict[str, str],
+                      opts: AttachOptions) -> dict[str, Any]:
+    """How sleeps are classified and requests ended, for this server."""
+    out: dict[str, Any] = {"rfq_uprobe": settings.get("ssl", "off") == "on"}
+    if not opts.lwlock_probes:
+        addr = locate_wait_event_info(target.binary, target.major, target.postmaster_pid)
+        if addr is not None:
+            out.update(wait_event_addr=addr, io_wait_ctx=io_contexts(target.major))
+    return out
+
+
+def engine_modes(config: ProgramConfig) -> dict[str, str]:
+    """How this session times waits and ends requests, for the capture header."""
+    return {
+        "lwlock_waits": "wait_event" if config.wait_event_addr else "usdt",
+        "request_end": "ReadyForQuery uprobe" if config.rfq_uprobe else "send of 'Z'",
+    }
+
+
 def run_attach(
     opts: AttachOptions,
     on_interval: Callable[[pd.DataFrame, float], None] | None = None,
@@ -150,11 +171,13 @@ def run_attach(
             query_len=opts.query_len,
             stacks=opts.stacks,
             **_activity_constants(target, settings),
+            **_engine_constants(target, settings, opts),
         ),
         sample_hz=opts.stack_hz,
     )
     fps = Fingerprints()
-    tranches = TrancheNames(lambda: [target.postmaster_pid, *session.tracked_pids()])
+    tranches = TrancheNames(lambda: [target.postmaster_pid, *session.tracked_pids()],
+                            major=target.major)
     frames: list[pd.DataFrame] = []
     interval_frames: list[pd.DataFrame] = []
     stop = _Stop()
@@ -209,6 +232,7 @@ def run_attach(
                    duration_s=elapsed)
     header = _header(target, opts, wall0, counters, fps.texts)
     header["settings"] = settings
+    header["engine"] = engine_modes(session.config)
     header["timeline"] = sampler.samples
     header["checkpoints"] = checkpoints
     if opts.stacks:

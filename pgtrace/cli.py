@@ -115,14 +115,18 @@ Examples:
 @click.option("--stacks", is_flag=True,
               help="Sample on-CPU stacks (99 Hz) and record off-CPU stacks per bucket; "
               "written as folded stacks next to -o (CAPTURE.oncpu.folded, .offcpu.folded).")
+@click.option("--lwlock-probes", is_flag=True,
+              help="Time LWLock waits with the lwlock__wait USDT probes (two uprobe traps "
+              "per wait) instead of the wait event read when a backend sleeps (the default "
+              "where the server version's tranche ids are known).")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
 @click.argument("interval", type=float, required=False)
 @click.argument("count", type=int, required=False)
 @_errors_to_exit
 def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
            summary_json: str | None, query_text: bool, dsn: str | None,
-           sample_interval: float, stacks: bool, ebpf: bool, interval: float | None,
-           count: int | None) -> None:
+           sample_interval: float, stacks: bool, lwlock_probes: bool, ebpf: bool,
+           interval: float | None, count: int | None) -> None:
     """Trace a running cluster and split every request's server time into buckets.
 
     Buckets: cpu, runqueue, fsync, wal_write, lwlock:<tranche>, lock:<type>,
@@ -143,7 +147,7 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
 
     opts = AttachOptions(pids=list(pids), duration=duration, interval=interval,
                          count=count, query_text=query_text, dsn=dsn, stacks=stacks,
-                         sample_interval=sample_interval)
+                         sample_interval=sample_interval, lwlock_probes=lwlock_probes)
     printer = interval_printer(sys.stdout) if interval else None
 
     def ready(_session: Any) -> None:

@@ -52,6 +52,7 @@ COUNTERS: tuple[str, ...] = (
     "retried",
     "deferred",
     "client_lost",
+    "resynced",
 )
 
 #: Wait contexts (CTX_* in pgtrace.h), naming the runqueue:<context> columns:

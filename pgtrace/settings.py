@@ -25,6 +25,7 @@ WRITE_SETTINGS: tuple[str, ...] = (
     "io_method",
     "io_workers",
     "io_max_concurrency",
+    "ssl",
 )
 
 

@@ -91,7 +91,8 @@
 #define C_RETRIED 7       /* a record written on the second try */
 #define C_DEFERRED 8      /* a record handed over through the `deferred` map */
 #define C_CLIENT_LOST 9   /* a driver run-queue wait the ring buffer refused */
-#define NCOUNTERS 10
+#define C_RESYNCED 10     /* a running task whose switch-in the sched programs missed */
+#define NCOUNTERS 11
 
 #define NLW 4             /* LWLock tranches kept per request; more go to lw_other_ns */
 #define NLOCKTYPES 12     /* LockTagType values (storage/lock.h), the last one = other */
@@ -146,13 +147,21 @@ struct runq_event {
 	u32 pad;
 };
 
+/* who opened a wait context, and so who closes it */
+#define ORIGIN_PROBE 0    /* a USDT start probe: its done probe */
+#define ORIGIN_SYSCALL 1  /* a syscall enter: its exit */
+#define ORIGIN_SCHED 2    /* a switch-out, from the wait event: the switch-in */
+
 struct ctx_entry {
-	u64 tranche;
+	u64 tranche;          /* LWLock: TRANCHE_ID_FLAG | tranche id, or the name's address */
 	u8 kind;
 	u8 locktype;
-	u8 syscall;           /* pushed by a syscall enter: its exit pops it */
+	u8 origin;
 	u8 pad[5];
 };
+
+/* tranche ids (from wait_event_info) vs name addresses (USDT argument) */
+#define TRANCHE_ID_FLAG (1ULL << 63)
 
 struct task_state {
 	u64 last_ts;          /* last time charged */
@@ -167,7 +176,10 @@ struct task_state {
 	u8 opening_wal;       /* 1: opening a WAL segment, 2: a new one (xlogtemp.*) */
 	u8 ending;            /* inside ReadyForQuery: its send ends the request */
 	u8 is_client;         /* a driver thread: report its run-queue waits */
-	u8 pad[5];
+	u8 resending;         /* a send that carried ReadyForQuery is not complete yet */
+	u8 pad[4];
+	u64 sent_tail;        /* the last 6 bytes sent, big-endian in the low 48 bits */
+	u64 resend_len;       /* bytes of that send still to go out */
 	s32 off_ustack;       /* with stacks: user stack where it last blocked */
 	s32 off_kstack;       /* with stacks: kernel stack where it last blocked */
 	struct ctx_entry stack[MAXDEPTH];
@@ -210,12 +222,6 @@ static __always_inline void bump(u32 idx)
 		(*c)++;
 }
 
-/* Task state of the current thread, if it is traced. */
-static __always_inline struct task_state *current_state(void)
-{
-	u32 pid = bpf_get_current_pid_tgid();
-	return tasks.lookup(&pid);
-}
 
 /* The bucket the time since last_ts belongs to. */
 static __always_inline u32 bucket_of(struct task_state *st, u8 *kind)
@@ -328,7 +334,7 @@ static __always_inline void charge(struct task_state *st, u64 now)
 }
 
 static __always_inline void push_ctx(struct task_state *st, u8 kind, u64 tranche, u8 locktype,
-				     u8 syscall)
+				     u8 origin)
 {
 	u8 d = st->depth;
 	if (d >= MAXDEPTH) {
@@ -339,7 +345,7 @@ static __always_inline void push_ctx(struct task_state *st, u8 kind, u64 tranche
 	st->stack[d & (MAXDEPTH - 1)].kind = kind;
 	st->stack[d & (MAXDEPTH - 1)].tranche = tranche;
 	st->stack[d & (MAXDEPTH - 1)].locktype = locktype;
-	st->stack[d & (MAXDEPTH - 1)].syscall = syscall;
+	st->stack[d & (MAXDEPTH - 1)].origin = origin;
 	st->depth = d + 1;
 }
 
@@ -364,33 +370,57 @@ static __always_inline void pop_ctx(struct task_state *st, u8 kind)
 static __always_inline void enter_ctx(struct task_state *st, u8 kind, u64 tranche, u8 locktype)
 {
 	charge(st, bpf_ktime_get_ns());
-	push_ctx(st, kind, tranche, locktype, 0);
+	push_ctx(st, kind, tranche, locktype, ORIGIN_PROBE);
 }
 
 /* A syscall's context: its exit pops it only if its enter pushed it. */
 static __always_inline void enter_syscall_ctx(struct task_state *st, u8 kind)
 {
 	charge(st, bpf_ktime_get_ns());
-	push_ctx(st, kind, 0, 0, 1);
+	push_ctx(st, kind, 0, 0, ORIGIN_SYSCALL);
 }
 
-static __always_inline void leave_syscall_ctx(void)
+/* Whether the innermost open context was opened by `origin`. */
+static __always_inline int top_is(struct task_state *st, u8 origin)
 {
-	struct task_state *st = current_state();
-	u8 d;
-	if (!st || st->depth == 0 || st->overflow)
-		return;
-	d = (st->depth - 1) & (MAXDEPTH - 1);
-	if (!st->stack[d].syscall)
-		return;
-	charge(st, bpf_ktime_get_ns());
-	st->depth--;
+	if (st->depth == 0 || st->depth > MAXDEPTH || st->overflow)
+		return 0;
+	return st->stack[(st->depth - 1) & (MAXDEPTH - 1)].origin == origin;
 }
 
 static __always_inline void leave_ctx(struct task_state *st, u8 kind)
 {
 	charge(st, bpf_ktime_get_ns());
 	pop_ctx(st, kind);
+}
+
+/*
+ * Task state of the current thread, if it is traced.  The thread is running:
+ * if its state says otherwise, its switch-in was missed (the kernel skips a
+ * BPF program that would nest in another on the same CPU), so catch up here.
+ */
+static __always_inline struct task_state *current_state(void)
+{
+	u32 pid = bpf_get_current_pid_tgid();
+	struct task_state *st = tasks.lookup(&pid);
+	if (st && st->mode != MODE_ONCPU) {
+		charge(st, bpf_ktime_get_ns());
+		st->mode = MODE_ONCPU;
+		if (top_is(st, ORIGIN_SCHED))
+			st->depth--;
+		if (st->req == REQ_BUSY)
+			bump(C_RESYNCED);
+	}
+	return st;
+}
+
+static __always_inline void leave_syscall_ctx(void)
+{
+	struct task_state *st = current_state();
+	if (!st || !top_is(st, ORIGIN_SYSCALL))
+		return;
+	charge(st, bpf_ktime_get_ns());
+	st->depth--;
 }
 
 /* Read one register of pt_regs by its index (struct pt_regs as u64 words). */

@@ -2,8 +2,8 @@
  * request.bpf.c: request boundaries for both protocols and the backends' lives.
  *
  * A request runs from the receipt of its first bytes (recvfrom returning data
- * while the backend is idle after ReadyForQuery) to the start of the send,
- * inside the ReadyForQuery that answers it, that flushes its 'Z' message.  In
+ * while the backend is idle after ReadyForQuery) to the start of the send
+ * that flushes the ReadyForQuery ('Z') message answering it.  In
  * pipeline mode the next request's bytes are already buffered: it starts when
  * the previous request's answer is sent.  Records are written without wake-ups:
  * pgtrace reads the ring buffer on a timer (pgtrace/collect/ringbuf.py).
@@ -93,7 +93,19 @@ static __always_inline void end_request(struct task_state *st, u64 now)
 	st->wake_runq_ns = 0;
 }
 
-/* uprobe on ReadyForQuery: the 'Z' message is about to be flushed. */
+/*
+ * The send that carries ReadyForQuery ends the request as it starts: from then
+ * on the client can have its answer (a woken client may even read it before
+ * the send returns, or preempt the backend inside it), so what follows is the
+ * response's transit, not the request's time.
+ *
+ * ReadyForQuery flushes its 'Z' message at once, so that send ends with the
+ * six bytes 'Z' 0 0 0 5 <status>.  Those bytes are read at sys_enter_sendto
+ * (a window carried across sends, for a message split over two of them).
+ * Where the stream is encrypted (ssl = on), RFQ_UPROBE instead marks the send
+ * from a uprobe on ReadyForQuery, at the price of a trap per request.
+ */
+#ifdef RFQ_UPROBE
 int on_ready_for_query(struct pt_regs *ctx)
 {
 	struct task_state *st = current_state();
@@ -102,12 +114,6 @@ int on_ready_for_query(struct pt_regs *ctx)
 	return 0;
 }
 
-/*
- * The send inside ReadyForQuery ends the request as it starts: from then on
- * the client can have its answer (a woken client may even read it before the
- * send returns, or preempt the backend inside it), so what follows is the
- * response's transit, not the request's time.
- */
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 {
 	struct task_state *st = current_state();
@@ -117,6 +123,63 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 	end_request(st, bpf_ktime_get_ns());
 	return TP_KEEP;
 }
+#else
+#define RFQ_HEAD 0x5A00000005ULL        /* 'Z', then the length 5 as int32 */
+#define TAIL_MASK 0xFFFFFFFFFFFFULL     /* six bytes */
+
+/* Slide the window of the last six bytes sent over this send's bytes. */
+static __always_inline u64 slide_tail(u64 w, const u8 *buf, u64 len)
+{
+	u8 b[6] = {};
+	u32 n, i;
+
+	if (len >= 6) {
+		if (bpf_probe_read_user(b, 6, buf + len - 6) != 0)
+			return 0;
+		n = 6;
+	} else {
+		n = len;
+		if (n == 0 || bpf_probe_read_user(b, n & 7, buf) != 0)
+			return w;
+	}
+#pragma unroll
+	for (i = 0; i < 6; i++)
+		if (i < n)
+			w = (w << 8) | b[i];
+	return w & TAIL_MASK;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+	struct task_state *st = current_state();
+	u8 status;
+
+	/* a retry of the ReadyForQuery send (EAGAIN, or the rest of a short
+	 * write) already ended its request */
+	if (!st || st->resending)
+		return TP_KEEP;
+	st->sent_tail = slide_tail(st->sent_tail, (const u8 *)args->buff, args->len);
+	status = st->sent_tail & 0xff;
+	if ((st->sent_tail >> 8) != RFQ_HEAD || (status != 'I' && status != 'T' && status != 'E'))
+		return TP_KEEP;
+	st->resending = 1;
+	st->resend_len = args->len;
+	end_request(st, bpf_ktime_get_ns());
+	return TP_KEEP;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+{
+	struct task_state *st = current_state();
+	if (!st || !st->resending)
+		return TP_KEEP;
+	if (args->ret > 0 && (u64)args->ret >= st->resend_len)
+		st->resending = 0;              /* all of it went out */
+	else if (args->ret > 0)
+		st->resend_len -= args->ret;    /* short write: the rest is sent next */
+	return TP_KEEP;
+}
+#endif
 
 /* The first bytes read while idle start a request. */
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)

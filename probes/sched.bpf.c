@@ -6,10 +6,59 @@
  * TASK_REPORT_MAX "R+" bit) waits in the run queue; any other state blocks.
  * sched_wakeup ends a block; the next switch-in ends the run-queue wait.
  * Driver threads (is_client) report each run-queue wait as an interval.
+ *
+ * With MY_WAIT_EVENT_INFO_ADDR (the runtime address of the backend's
+ * my_wait_event_info pointer), a backend that blocks outside any other wait
+ * context is classified by the wait event it published before sleeping:
+ * LWLock waits (with their tranche id), heavyweight locks and I/O waits open a
+ * context that its next switch-in closes, so the run-queue wait after the
+ * wake-up is split under that context too.  This costs two reads of user
+ * memory per sleep instead of two uprobe traps per LWLock wait.
  */
 #include "pgtrace.h"
 
 #define TASK_REPORT_BITS 0x7f
+
+#ifdef MY_WAIT_EVENT_INFO_ADDR
+#define PG_WAIT_CLASS_MASK 0xFF000000U
+#define PG_WAIT_ID_MASK 0x0000FFFFU
+#define PG_WAIT_LWLOCK 0x01000000U
+#define PG_WAIT_LOCK 0x03000000U
+#define PG_WAIT_IO 0x0A000000U
+#define NIO_EVENTS 256
+
+/* IO-class wait event id -> CTX_* (0: none), filled by the loader per version */
+BPF_ARRAY(io_wait_ctx, u8, NIO_EVENTS);
+
+/* The wait event the blocking backend published: open its context. */
+static __always_inline void enter_wait_event(struct task_state *st)
+{
+	u64 ptr = 0;
+	u32 wei = 0, id;
+	u8 *kind;
+
+	if (bpf_probe_read_user(&ptr, sizeof(ptr), (void *)MY_WAIT_EVENT_INFO_ADDR) != 0 || !ptr)
+		return;
+	if (bpf_probe_read_user(&wei, sizeof(wei), (void *)ptr) != 0)
+		return;
+	id = wei & PG_WAIT_ID_MASK;
+	switch (wei & PG_WAIT_CLASS_MASK) {
+	case PG_WAIT_LWLOCK:
+		st->acc.n_lwlock++;
+		push_ctx(st, CTX_LWLOCK, TRANCHE_ID_FLAG | id, 0, ORIGIN_SCHED);
+		break;
+	case PG_WAIT_LOCK:
+		st->acc.n_lock++;
+		push_ctx(st, CTX_LOCK, 0, id & 0xff, ORIGIN_SCHED);
+		break;
+	case PG_WAIT_IO:
+		kind = io_wait_ctx.lookup(&id);
+		if (kind && *kind)
+			push_ctx(st, *kind, 0, 0, ORIGIN_SCHED);
+		break;
+	}
+}
+#endif
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
@@ -28,6 +77,12 @@ TRACEPOINT_PROBE(sched, sched_switch)
 			st->mode = MODE_BLOCKED;
 			st->wake_runq_ns = 0;
 			st->acc.n_vcsw++;
+#ifdef MY_WAIT_EVENT_INFO_ADDR
+			if (top_is(st, ORIGIN_SCHED))  /* its switch-in was not seen */
+				st->depth--;
+			if (st->req == REQ_BUSY && st->depth == 0)
+				enter_wait_event(st);
+#endif
 #ifdef WITH_STACKS
 			st->off_ustack = st->off_kstack = -1;
 			if (st->req != REQ_NONE) {
@@ -40,6 +95,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
 	st = tasks.lookup(&next);
 	if (st) {
 		charge(st, now);
+		if (top_is(st, ORIGIN_SCHED))
+			st->depth--;
 		if (st->mode == MODE_RUNQ && st->wake_ts && now > st->wake_ts) {
 			st->wake_runq_ns = now - st->wake_ts;
 			if (st->is_client) {

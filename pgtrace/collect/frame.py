@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from pgtrace.collect.events import RunqEvent, event_dtype
+from pgtrace.collect.waitevent import TRANCHE_ID_FLAG, tranche_name
 from pgtrace.fingerprint import fingerprint, normalize
 from pgtrace.model import (
     CONTEXTS,
@@ -22,16 +23,24 @@ from pgtrace.model import (
 
 
 class TrancheNames:
-    """Resolves the tranche-name pointers of lwlock waits by reading server memory."""
+    """Names the tranches of lwlock waits.
 
-    def __init__(self, pids: Callable[[], list[int]]) -> None:
+    A tranche id (from the wait event, flagged) is looked up in the version's
+    table; a name pointer (from the USDT argument) is read from server memory.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]], major: int = 0) -> None:
         self._pids = pids
+        self._major = major
         self._cache: dict[int, str] = {0: "unknown"}
 
     def __call__(self, addr: int) -> str:
         name = self._cache.get(addr)
         if name is None:
-            name = self._read(addr)
+            if addr & TRANCHE_ID_FLAG:
+                name = tranche_name(self._major, addr & ~TRANCHE_ID_FLAG)
+            else:
+                name = self._read(addr)
             self._cache[addr] = name
         return name
 

@@ -114,6 +114,9 @@ class ProgramConfig:
     mybeentry_addr: int = 0      # nonzero: read query text from the backend status entry
     activity_raw_off: int = 0
     stacks: bool = False         # on/off-CPU stacks for flame graphs
+    wait_event_addr: int = 0     # nonzero: classify sleeps by wait event, not LWLock USDT
+    io_wait_ctx: tuple[int, ...] = ()  # CTX_* per IO wait event id (with wait_event_addr)
+    rfq_uprobe: bool = False     # end requests from a ReadyForQuery uprobe (encrypted streams)
 
     @classmethod
     def for_sync_method(cls, method: str | None, **kw: Any) -> ProgramConfig:
@@ -141,7 +144,19 @@ class ProgramConfig:
              f"-DACTIVITY_RAW_OFF={self.activity_raw_off}"]
             if self.mybeentry_addr
             else []
-        )
+        ) + (
+            [f"-DMY_WAIT_EVENT_INFO_ADDR={self.wait_event_addr:#x}ULL"]
+            if self.wait_event_addr
+            else []
+        ) + (["-DRFQ_UPROBE"] if self.rfq_uprobe else [])
+
+    def skips(self, name: str) -> bool:
+        """Whether a uprobe or USDT probe is left out under this configuration."""
+        if name == "ReadyForQuery":
+            return not self.rfq_uprobe
+        if name == "pgstat_report_activity":
+            return self.mybeentry_addr != 0
+        return name.startswith("lwlock__wait__") and self.wait_event_addr != 0
 
 
 def program_text() -> str:
@@ -258,10 +273,14 @@ def attach_all(
     """Attach the uprobes and USDT sites; on any failure detach what was attached."""
     bcc = import_bcc()
     att = Attachment(bpf)
-    text_from_status = config is not None and config.mybeentry_addr != 0
+    config = config or ProgramConfig()
     try:
+        if config.wait_event_addr:
+            io_map = bpf["io_wait_ctx"]
+            for event_id, ctx in enumerate(config.io_wait_ctx):
+                io_map[ct.c_uint32(event_id)] = ct.c_uint8(ctx)
         for sym, (fn, ret) in UPROBES.items():
-            if sym == "pgstat_report_activity" and text_from_status:
+            if config.skips(sym):
                 continue
             fd = bpf.load_func(fn, bcc.BPF.KPROBE).fd
             attach_uprobe(att, fd, binary, symbol_offset(binary, sym), ret=ret)
@@ -271,6 +290,8 @@ def attach_all(
             raise NoProbesError(f"{binary} lacks USDT probes {', '.join(missing)}")
         args = bpf["usdt_args"]
         for probe, (fn, argno) in USDT_PROBES.items():
+            if config.skips(probe):
+                continue
             fd = bpf.load_func(fn, bcc.BPF.KPROBE).fd
             for site in by_name.get(probe, []):
                 if argno is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes as ct
+import dataclasses
 import mmap
 import os
 import re
@@ -70,17 +71,7 @@ class TraceSession:
     def start(self) -> None:
         """Compile, seed the task map, attach probes, open the ring buffer."""
         pm = self.postmaster_pid if self.follow_forks else 0
-        cfg = ProgramConfig(
-            postmaster_pid=pm,
-            query_len=self.config.query_len,
-            ringbuf_pages=self.config.ringbuf_pages,
-            state_running=self.config.state_running,
-            wal_write_is_sync=self.config.wal_write_is_sync,
-            wal_flush_is_fsync=self.config.wal_flush_is_fsync,
-            mybeentry_addr=self.config.mybeentry_addr,
-            activity_raw_off=self.config.activity_raw_off,
-            stacks=self.config.stacks,
-        )
+        cfg = dataclasses.replace(self.config, postmaster_pid=pm)
         bpf = compile_program(cfg)
         self._att = Attachment(bpf)
         try:

@@ -36,6 +36,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgtrace.capture import read_capture
 from pgtrace.cluster import TempCluster, find_pg_bin, start_cluster
 from pgtrace.collect.loader import USDT_PROBES
 from pgtrace.elf.usdt import read_probes
@@ -249,6 +250,16 @@ def requests_of(report: str) -> int:
     m = re.match(r"(\d+) requests in ", report)
     assert m, report
     return int(m.group(1))
+
+
+#: Probes a default attach leaves alone on this server: LWLock waits come from wait events.
+UNUSED_PROBES = {"lwlock__wait__start", "lwlock__wait__done"}
+
+
+def assert_attached(sems: dict[str, int]) -> None:
+    """Every probe pgtrace uses has its semaphore raised; the LWLock ones stay 0."""
+    assert all(v > 0 for k, v in sems.items() if k not in UNUSED_PROBES), sems
+    assert all(sems[k] == 0 for k in UNUSED_PROBES), sems
 
 
 def assert_detached(progs: set[int], backend: int) -> None:
@@ -481,8 +492,7 @@ def test_signal_detaches_cleanly(
 ) -> None:
     a = attaches("-p", str(pm))
     a.wait_ready()
-    sems = semaphores(backend)
-    assert all(v > 0 for v in sems.values()), sems
+    assert_attached(semaphores(backend))
     pgbench()
     for _ in range(10):  # the seeded backend's requests count too
         conn.execute("select 1")
@@ -500,7 +510,7 @@ def test_sigkill_leaves_nothing_and_a_new_attach_works(
 ) -> None:
     a = attaches("-p", str(pm))
     a.wait_ready()
-    assert all(v > 0 for v in semaphores(backend).values())
+    assert_attached(semaphores(backend))
     a.kill()
     assert a.proc.returncode == -signal.SIGKILL
     # the kernel closed its perf events and programs when it died
@@ -567,13 +577,72 @@ def test_two_attaches_at_once(
     rc, out_a, err = a.finish(signal.SIGINT)
     assert rc == 0, err
     # one ending does not detach the other: its USDT sites are still live
-    assert all(v > 0 for v in semaphores(backend).values())
+    assert_attached(semaphores(backend))
     assert b.proc.poll() is None
     rc, out_b, err = b.finish(signal.SIGINT)
     assert rc == 0, err
     assert requests_of(out_a) >= PGBENCH_REQUESTS
     assert requests_of(out_b) >= PGBENCH_REQUESTS
     assert_detached(a.progs | b.progs, backend)
+
+
+def test_lwlock_wait_events_agree_with_the_probes(
+    cluster: TempCluster, src_bin: str, attaches: Callable[..., Attach], tmp_path: Path,
+) -> None:
+    """The same inserts traced twice at once: LWLock waits read from the wait event a
+    backend publishes when it sleeps (the default) and timed by the lwlock__wait USDT
+    probes (--lwlock-probes) name the same tranches and the same time, request by request.
+
+    The probes' interval also holds the CPU time around the sleep (and their own traps),
+    so the probe-timed total is the larger by a little; the sleeps are the same.
+    """
+    cluster.psql("create table if not exists lw_insert"
+                 " (id bigint generated always as identity primary key, data int)")
+    script = tmp_path / "insert.sql"
+    script.write_text("insert into lw_insert(data) values (1);\n")
+    we_path, usdt_path = tmp_path / "we.pgtrace", tmp_path / "usdt.pgtrace"
+    a = attaches("-p", str(cluster.postmaster_pid), "-o", str(we_path))
+    b = attaches("-p", str(cluster.postmaster_pid), "--lwlock-probes", "-o", str(usdt_path))
+    a.wait_ready()
+    b.wait_ready()
+    exe = os.path.join(src_bin, "pgbench")
+    clients, txns = 40, 250
+    res = subprocess.run(
+        [exe if os.access(exe, os.X_OK) else PGBENCH_DEFAULT, "-n", "-c", str(clients),
+         "-j", "2", "-t", str(txns), "-f", str(script), *_conn_args(cluster)],
+        capture_output=True, text=True, env=_env(), timeout=300, check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    for t in (a, b):
+        rc, _out, err = t.finish(signal.SIGINT)
+        assert rc == 0, err
+    we, we_header = read_capture(we_path)
+    usdt, usdt_header = read_capture(usdt_path)
+    assert we_header["engine"]["lwlock_waits"] == "wait_event"
+    assert usdt_header["engine"]["lwlock_waits"] == "usdt"
+
+    both = we.merge(usdt, on=["pid", "seq"], suffixes=("_we", "_usdt"))
+    inserts = both[both["server_ns_we"] > 0]
+    assert len(inserts) >= clients * txns
+    assert len(both) == len(we) == len(usdt), "the two traces saw different requests"
+    # the same request in both: it started at the same recvfrom (two programs apart)
+    assert (both["t_start_we"] - both["t_start_usdt"]).abs().max() < 1_000_000
+
+    lw_we, lw_usdt = both["lwlock_we"].sum(), both["lwlock_usdt"].sum()
+    walwrite = "lwlock:WALWrite"
+    detail = (f"lwlock: wait events {lw_we / 1e6:.1f} ms, probes {lw_usdt / 1e6:.1f} ms; "
+              f"WALWrite {we[walwrite].sum() / 1e6:.1f} vs {usdt[walwrite].sum() / 1e6:.1f} ms; "
+              f"waits {int(we['n_lwlock'].sum())} vs {int(usdt['n_lwlock'].sum())}")
+    print(detail)
+    assert lw_usdt > 0, detail
+    assert 0.9 * lw_usdt <= lw_we <= lw_usdt, detail
+    assert we[walwrite].sum() >= 0.9 * usdt[walwrite].sum(), detail
+    # per request too: the requests that waited long by one account did by the other
+    waited = both[both["lwlock_usdt"] > 200_000]
+    close = ((waited["lwlock_we"] - waited["lwlock_usdt"]).abs()
+             <= 0.1 * waited["lwlock_usdt"] + 20_000)
+    assert len(waited) > 0 and close.mean() >= 0.95, (
+        f"{detail}; {close.mean():.3f} of {len(waited)} requests agree")
 
 
 def test_interval_lines(pm: int, backend: int, attaches: Callable[..., Attach]) -> None:
