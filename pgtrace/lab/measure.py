@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,20 @@ def counters(conn: psycopg.Connection[Any]) -> Counters:
                        " from pg_stat_wal").fetchone()
     assert row is not None
     return Counters(*(int(v) for v in row))
+
+
+def wait_backends_gone(conn: psycopg.Connection[Any], pids: list[int],
+                       timeout_s: float = 10.0) -> bool:
+    """Wait until these backends have exited (and so flushed their statistics)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = conn.execute("select count(*) from pg_stat_activity where pid = any(%s)",
+                           (pids,)).fetchone()
+        if row is None or row[0] == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 def index_bytes(conn: psycopg.Connection[Any], table: str) -> int:

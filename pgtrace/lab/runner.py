@@ -226,6 +226,10 @@ class _Engine:
             row = _row(v, runners, out)
             rows_done = max(1, row["requests"] * v.batch_rows)
             with _connect(self.dsn) as conn:
+                # the driver's backends report their WAL and I/O counters as they exit
+                pids = sorted({int(p) for p in out.frame["pid"].unique()}) if len(out.frame) \
+                    else []
+                measure.wait_backends_gone(conn, pids)
                 c1 = measure.counters(conn)
                 row["wal_bytes_per_row"] = (c1.wal_bytes - c0.wal_bytes) / rows_done
                 row["fpi_per_row"] = (c1.wal_fpi - c0.wal_fpi) / rows_done
