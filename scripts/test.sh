@@ -101,7 +101,7 @@ for entry in "${entries[@]}"; do
     fi
     log="$LOGS/pytest-$major-$scope.log"
     run_pytest() {
-        "$PY" -m pytest -v --pg-bin "${BIN[$major]}" "${args[@]}" 2>&1 | tee "$log"
+        "$PY" -m pytest -v "--pg-bin=${BIN[$major]}" "${args[@]}" 2>&1 | tee "$log"
         return "${PIPESTATUS[0]}"
     }
     step "pytest PostgreSQL $major ($scope, ${BIN[$major]})" run_pytest
