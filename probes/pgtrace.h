@@ -38,7 +38,10 @@
 #define STACK_ENTRIES 16384
 #endif
 #ifndef MAX_TASKS
-#define MAX_TASKS 16384
+#define MAX_TASKS 16384           /* traced tasks whose state slot was taken (the spill map) */
+#endif
+#ifndef STATE_SLOTS
+#define STATE_SLOTS 8192          /* power of two: task states at pid & (STATE_SLOTS - 1) */
 #endif
 
 /*
@@ -177,7 +180,7 @@ struct task_state {
 	u8 ending;            /* inside ReadyForQuery: its send ends the request */
 	u8 is_client;         /* a driver thread: report its run-queue waits */
 	u8 resending;         /* a send that carried ReadyForQuery is not complete yet */
-	u8 pad[4];
+	u32 pid;              /* the task this state belongs to (0: a free slot) */
 	u64 sent_tail;        /* the last 6 bytes sent, big-endian in the low 48 bits */
 	u64 resend_len;       /* bytes of that send still to go out */
 	s32 off_ustack;       /* with stacks: user stack where it last blocked */
@@ -201,6 +204,15 @@ struct argkey {
 	u32 pad;
 };
 
+/*
+ * Traced tasks.  A task's state lives in `states` at its pid's slot, found
+ * with one array lookup: every context switch and traced syscall of every
+ * process looks a pid up, and a hash lookup costs several times as much.  A
+ * pid whose slot is taken spills into the `tasks` hash; `spills` counts them
+ * per slot, so that a pid that is not traced costs no hash lookup.
+ */
+BPF_ARRAY(states, struct task_state, STATE_SLOTS);
+BPF_ARRAY(spills, u32, STATE_SLOTS);
 BPF_HASH(tasks, u32, struct task_state, MAX_TASKS);
 BPF_PERCPU_ARRAY(counters, u64, NCOUNTERS);
 BPF_ARRAY(zero_state, struct task_state, 1);
@@ -222,6 +234,65 @@ static __always_inline void bump(u32 idx)
 		(*c)++;
 }
 
+
+/* The state of a traced task, or NULL. */
+static __always_inline struct task_state *state_of(u32 pid)
+{
+	u32 slot = pid & (STATE_SLOTS - 1);
+	struct task_state *st;
+	u32 *n;
+
+	if (pid == 0)
+		return NULL;
+	st = states.lookup(&slot);
+	if (st && st->pid == pid)
+		return st;
+	n = spills.lookup(&slot);
+	if (!n || *n == 0)
+		return NULL;
+	return tasks.lookup(&pid);
+}
+
+/* Start tracing `pid` with state `init`; NULL if there is no room. */
+static __always_inline struct task_state *track(u32 pid, struct task_state *init)
+{
+	u32 slot = pid & (STATE_SLOTS - 1);
+	struct task_state *st = states.lookup(&slot);
+	u32 *n;
+
+	if (!st)
+		return NULL;
+	if (st->pid == 0 || st->pid == pid) {
+		bpf_probe_read_kernel(st, sizeof(*st), init);
+		st->pid = pid;
+		return st;
+	}
+	n = spills.lookup(&slot);
+	if (!n || tasks.update(&pid, init) != 0)
+		return NULL;
+	__sync_fetch_and_add(n, 1);
+	st = tasks.lookup(&pid);
+	if (st)
+		st->pid = pid;
+	return st;
+}
+
+static __always_inline void untrack(u32 pid)
+{
+	u32 slot = pid & (STATE_SLOTS - 1);
+	struct task_state *st = states.lookup(&slot);
+	u32 *n;
+
+	if (st && st->pid == pid) {
+		st->pid = 0;
+		return;
+	}
+	if (tasks.delete(&pid) == 0) {
+		n = spills.lookup(&slot);
+		if (n)
+			__sync_fetch_and_add(n, -1);
+	}
+}
 
 /* The bucket the time since last_ts belongs to. */
 static __always_inline u32 bucket_of(struct task_state *st, u8 *kind)
@@ -401,8 +472,7 @@ static __always_inline void leave_ctx(struct task_state *st, u8 kind)
  */
 static __always_inline struct task_state *current_state(void)
 {
-	u32 pid = bpf_get_current_pid_tgid();
-	struct task_state *st = tasks.lookup(&pid);
+	struct task_state *st = state_of(bpf_get_current_pid_tgid());
 	if (st && st->mode != MODE_ONCPU) {
 		charge(st, bpf_ktime_get_ns());
 		st->mode = MODE_ONCPU;

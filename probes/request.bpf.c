@@ -26,8 +26,7 @@ static __always_inline void new_task(u32 pid, u64 now)
 	struct task_state *z = zero_state.lookup(&zero);
 	if (!z)
 		return;
-	tasks.update(&pid, z);
-	struct task_state *st = tasks.lookup(&pid);
+	struct task_state *st = track(pid, z);
 	if (!st)
 		return;
 	st->wal_fd = -1;
@@ -228,11 +227,11 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u32 pid = bpf_get_current_pid_tgid();
-	struct task_state *st = tasks.lookup(&pid);
+	struct task_state *st = state_of(pid);
 	if (!st)
 		return TP_KEEP;
 	if (st->req == REQ_BUSY)
 		bump(C_ABORTED);
-	tasks.delete(&pid);
+	untrack(pid);
 	return TP_KEEP;
 }

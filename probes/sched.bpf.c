@@ -66,7 +66,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 	u32 prev = args->prev_pid, next = args->next_pid;
 	struct task_state *st;
 
-	st = tasks.lookup(&prev);
+	st = state_of(prev);
 	if (st) {
 		charge(st, now);
 		if ((args->prev_state & TASK_REPORT_BITS) == 0) {
@@ -92,7 +92,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 #endif
 		}
 	}
-	st = tasks.lookup(&next);
+	st = state_of(next);
 	if (st) {
 		charge(st, now);
 		if (top_is(st, ORIGIN_SCHED))
@@ -112,7 +112,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 
 static __always_inline void woken(u32 pid)
 {
-	struct task_state *st = tasks.lookup(&pid);
+	struct task_state *st = state_of(pid);
 	u64 now;
 	if (!st || st->mode != MODE_BLOCKED)
 		return;

@@ -57,6 +57,9 @@ BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1
 #: Pages of the driver run-queue ring buffer (CLIENT_RINGBUF_PAGES in pgtrace.h).
 CLIENT_RINGBUF_PAGES = 256
 
+#: Task state slots, by pid & (STATE_SLOTS - 1) (STATE_SLOTS in pgtrace.h).
+STATE_SLOTS = 8192
+
 
 def import_bcc() -> Any:
     """bcc's module, or a clear error naming the package."""
@@ -135,6 +138,7 @@ class ProgramConfig:
             f"-DQUERY_LEN={self.query_len}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
             f"-DCLIENT_RINGBUF_PAGES={CLIENT_RINGBUF_PAGES}",
+            f"-DSTATE_SLOTS={STATE_SLOTS}",
             f"-DSTATE_RUNNING={self.state_running}",
             f"-DWAL_WRITE_IS_SYNC={int(self.wal_write_is_sync)}",
             f"-DWAL_FLUSH_IS_FSYNC={int(self.wal_flush_is_fsync)}",

@@ -10,10 +10,12 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pgtrace.collect.events import NCHECKPOINTS, RunqEvent, event_dtype
 from pgtrace.collect.loader import (
     CLIENT_RINGBUF_PAGES,
+    STATE_SLOTS,
     Attachment,
     ProgramConfig,
     attach_all,
@@ -98,28 +100,45 @@ class TraceSession:
 
     def add_pids(self, pids: Iterable[int]) -> None:
         """Trace these (already running) backends from now on."""
-        assert self._att is not None
-        tasks = self._att.bpf["tasks"]
         for pid in pids:
-            key = tasks.Key(pid)
-            if key in tasks:  # already seeded by the fork tracepoint
-                continue
-            leaf = tasks.Leaf()
+            leaf = self._leaf()
             leaf.wal_fd = wal_fd_of(pid)
-            leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
-            tasks[key] = leaf
+            self._track(pid, leaf)
 
     def add_client_pids(self, pids: Iterable[int]) -> None:
         """Driver threads: their run-queue waits are reported as intervals."""
-        assert self._att is not None
-        tasks = self._att.bpf["tasks"]
         for pid in pids:
-            leaf = tasks.Leaf()
-            leaf.wal_fd = leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
+            leaf = self._leaf()
             leaf.is_client = 1
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
-            tasks[tasks.Key(pid)] = leaf
+            self._track(pid, leaf, replace=True)
+
+    def _leaf(self) -> Any:
+        assert self._att is not None
+        leaf = self._att.bpf["states"].Leaf()
+        leaf.wal_fd = leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
+        return leaf
+
+    def _track(self, pid: int, leaf: Any, replace: bool = False) -> None:
+        """What track() in pgtrace.h does, from user space: the pid's slot, else a spill."""
+        assert self._att is not None
+        bpf = self._att.bpf
+        states, spills, tasks = bpf["states"], bpf["spills"], bpf["tasks"]
+        slot = states.Key(pid & (STATE_SLOTS - 1))
+        leaf.pid = pid
+        cur = states[slot]
+        if cur.pid == pid or cur.pid == 0:
+            if cur.pid == 0 or replace:  # else already seeded by the fork tracepoint
+                states[slot] = leaf
+            return
+        key = tasks.Key(pid)
+        if key in tasks and not replace:
+            return
+        new = key not in tasks
+        tasks[key] = leaf
+        if new:
+            spills[slot] = spills.Leaf(spills[slot].value + 1)
 
     def checkpoints(self) -> list[dict[str, int | None]]:
         """Checkpoints seen since attach, oldest first: start and end ns (None: running)."""
@@ -197,7 +216,9 @@ class TraceSession:
         """Pids currently in the task map."""
         if self._att is None or self._att.bpf is None:
             return []
-        return [int(k.value) for k in self._att.bpf["tasks"]]
+        bpf = self._att.bpf
+        in_slots = [int(v.pid) for v in bpf["states"].values() if v.pid]
+        return in_slots + [int(k.value) for k in bpf["tasks"]]
 
     def close(self) -> None:
         """Detach everything; idempotent."""
