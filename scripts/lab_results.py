@@ -58,13 +58,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", help="Run only this experiment (repeatable).")
     ap.add_argument("-o", "--output", default=str(REPO / "docs" / "lab-results.md"))
+    ap.add_argument("--no-run", action="store_true",
+                    help="Only assemble the page from the sections already written.")
     args = ap.parse_args()
-    names = args.only or experiment_names()
+    names = [] if args.no_run else args.only or experiment_names()
     output = Path(args.output)
     json_dir = output.parent / "lab-results"
     json_dir.mkdir(parents=True, exist_ok=True)
     parts = [
-        "# Lab results (`--quick`)\n",
+        "# Lab results (`--quick`)\n\n",
         "Made by `sudo .venv/bin/python scripts/lab_results.py` "
         "on this project's development machine "
         f"({machine()}), shared with other work while it ran: absolute figures move from "
