@@ -53,8 +53,11 @@ static __always_inline void enter_wait_event(struct task_state *st)
 		break;
 	case PG_WAIT_IO:
 		kind = io_wait_ctx.lookup(&id);
-		if (kind && *kind)
-			push_ctx(st, *kind, 0, 0, ORIGIN_SCHED);
+		if (!kind || !*kind)
+			break;
+		if (*kind == CTX_IO_READ)  /* e.g. a read an I/O worker does (18's AIO) */
+			st->acc.n_read++;
+		push_ctx(st, *kind, 0, 0, ORIGIN_SCHED);
 		break;
 	}
 }
