@@ -118,13 +118,13 @@ def _server(exp: Experiment, dsn: str | None, notes: list[str]) -> Iterator[str]
         yield dsn
         return
     with start_cluster(settings=exp.cluster_settings) as cluster:
-        notes.append("private throwaway cluster (removed afterwards)"
+        notes.append(f"private throwaway cluster in {cluster.base_dir} (removed afterwards)"
                      + "".join(f", {k}={v}" for k, v in exp.cluster_settings.items()))
         if not exp.wal_device:
             yield cluster.dsn
             return
-        with throttled_wal(cluster, exp.wal_device) as dev:
-            notes.append(f"pg_wal on {dev}, blkio throttle "
+        with throttled_wal(cluster, exp.wal_device) as (dev, cgroup):
+            notes.append(f"pg_wal on {dev}, blkio cgroup {cgroup}, throttle "
                          + ", ".join(f"{k}={v}" for k, v in exp.wal_device.items()))
             yield cluster.dsn
 
@@ -160,6 +160,15 @@ def _row(v: Variant, runners: int, out: RunOutcome) -> Row:
     row["buckets_ns"] = buckets
     row["e2e_ns"] = {k: int(n) for k, n in s.get("e2e_buckets_ns", {}).items()}
     return row
+
+
+@dataclass(frozen=True)
+class _Before:
+    """Counters taken just before a run."""
+
+    counters: measure.Counters
+    reads: int | None
+    catalogs: int | None
 
 
 class _Engine:
@@ -199,7 +208,6 @@ class _Engine:
         """Set up, measure, run under the engine, measure, tear down, restore."""
         label = f"{self.exp.name}: {v.name} @ {runners} runners"
         self.progress(label)
-        measures = self.exp.measures
         table = v.table or _workload_table(v)
         with ExitStack() as undo:
             previous = gucs.remember(self.dsn, list(v.gucs))
@@ -211,10 +219,7 @@ class _Engine:
                     get_workload(v.workload).setup(conn)
             run_sql(self.dsn, v.setup, self.params)
             with _connect(self.dsn) as conn:
-                c0 = measure.counters(conn)
-                reads0 = measure.block_reads(conn, table) if "buffers" in measures and table \
-                    else None
-                cat0 = measure.catalog_bytes(conn) if "catalog" in measures else None
+                before = self.snapshot(conn, table)
             holder: HorizonHolder | None = None
             if v.hold_horizon:
                 holder = HorizonHolder(self.dsn)
@@ -224,38 +229,53 @@ class _Engine:
             out = self.intr.run(lambda: self.profile(v, runners),
                                 lambda: self.progress(label, time.monotonic() - started))
             row = _row(v, runners, out)
-            rows_done = max(1, row["requests"] * v.batch_rows)
             with _connect(self.dsn) as conn:
-                # the driver's backends report their WAL and I/O counters as they exit
-                pids = sorted({int(p) for p in out.frame["pid"].unique()}) if len(out.frame) \
-                    else []
-                measure.wait_backends_gone(conn, pids)
-                c1 = measure.counters(conn)
-                row["wal_bytes_per_row"] = (c1.wal_bytes - c0.wal_bytes) / rows_done
-                row["fpi_per_row"] = (c1.wal_fpi - c0.wal_fpi) / rows_done
-                row["checkpoints"] = c1.checkpoints - c0.checkpoints
-                peak = _peak_fpi_per_s(out.trace.header.get("timeline", []))
-                if peak is not None:
-                    row["fpi_per_s_peak"] = peak
-                if reads0 is not None and table:
-                    row["buffer_reads_per_row"] = (measure.block_reads(conn, table)
-                                                   - reads0) / rows_done
-                if cat0 is not None:
-                    row["catalog_bytes_before"] = sum(cat0.values())
-                    row["catalog_bytes_after"] = sum(measure.catalog_bytes(conn).values())
-                if "trend" in measures:
-                    row["tps_trend"] = tps_trend(out.frame["t_recv"].tolist())
-                if "index" in measures and table:
-                    row["index_bytes_before"] = measure.index_bytes(conn, table)
-                    measure.reindex(conn, table)
-                    row["index_bytes_after"] = measure.index_bytes(conn, table)
-                if "vacuum" in measures:
-                    row["catalog_dead_after_vacuum"] = measure.vacuum_catalogs(conn)
-                    if holder is not None:
-                        holder.release()
-                        row["catalog_dead_after_release_vacuum"] = measure.vacuum_catalogs(conn)
+                self.measure_after(conn, row, before, out, max(1, row["requests"] * v.batch_rows),
+                                   table, holder)
             self.capture(v, runners, out)
         return row
+
+    def snapshot(self, conn: psycopg.Connection[Any], table: str | None) -> _Before:
+        """The counters a run's figures are differences of."""
+        measures = self.exp.measures
+        return _Before(
+            counters=measure.counters(conn),
+            reads=measure.block_reads(conn, table) if "buffers" in measures and table else None,
+            catalogs=sum(measure.catalog_bytes(conn).values()) if "catalog" in measures
+            else None)
+
+    def measure_after(self, conn: psycopg.Connection[Any], row: Row, before: _Before,
+                      out: RunOutcome, rows_done: int, table: str | None,
+                      holder: HorizonHolder | None) -> None:
+        """Add the run's server-side figures to `row` (REINDEX and VACUUM if measured)."""
+        measures = self.exp.measures
+        # the driver's backends report their WAL and I/O counters as they exit
+        pids = sorted({int(p) for p in out.frame["pid"].unique()}) if len(out.frame) else []
+        measure.wait_backends_gone(conn, pids)
+        c0, c1 = before.counters, measure.counters(conn)
+        row["wal_bytes_per_row"] = (c1.wal_bytes - c0.wal_bytes) / rows_done
+        row["fpi_per_row"] = (c1.wal_fpi - c0.wal_fpi) / rows_done
+        row["checkpoints"] = c1.checkpoints - c0.checkpoints
+        peak = _peak_fpi_per_s(out.trace.header.get("timeline", []))
+        if peak is not None:
+            row["fpi_per_s_peak"] = peak
+        if before.reads is not None and table:
+            row["buffer_reads_per_row"] = (measure.block_reads(conn, table)
+                                           - before.reads) / rows_done
+        if before.catalogs is not None:
+            row["catalog_bytes_before"] = before.catalogs
+            row["catalog_bytes_after"] = sum(measure.catalog_bytes(conn).values())
+        if "trend" in measures:
+            row["tps_trend"] = tps_trend(out.frame["t_recv"].tolist())
+        if "index" in measures and table:
+            row["index_bytes_before"] = measure.index_bytes(conn, table)
+            measure.reindex(conn, table)
+            row["index_bytes_after"] = measure.index_bytes(conn, table)
+        if "vacuum" in measures:
+            row["catalog_dead_after_vacuum"] = measure.vacuum_catalogs(conn)
+            if holder is not None:
+                holder.release()
+                row["catalog_dead_after_release_vacuum"] = measure.vacuum_catalogs(conn)
 
     def profile(self, v: Variant, runners: int) -> RunOutcome:
         """The load under the engine, as `pgtrace run` does it."""

@@ -68,8 +68,8 @@ def _stop_server(cluster: TempCluster) -> None:
 
 
 @contextlib.contextmanager
-def throttled_wal(cluster: TempCluster, limits: dict[str, int]) -> Iterator[str]:
-    """Move the private cluster's pg_wal to a throttled loop device; yield the device."""
+def throttled_wal(cluster: TempCluster, limits: dict[str, int]) -> Iterator[tuple[str, str]]:
+    """Move the private cluster's pg_wal to a throttled loop device; yield (device, cgroup)."""
     check_blkio()
     unknown = set(limits) - set(LIMIT_FILES)
     if unknown:
@@ -106,7 +106,7 @@ def throttled_wal(cluster: TempCluster, limits: dict[str, int]) -> Iterator[str]
             (cgroup / LIMIT_FILES[key]).write_text(f"{major_minor} {value}")
         cluster.restart()  # pg_ctl restart starts a stopped server
         _move(cluster_pids(cluster.postmaster_pid), cgroup)
-        yield dev
+        yield dev, str(cgroup)
 
 
 def _stop_server_if_running(cluster: TempCluster) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,18 +122,15 @@ def test_existing_table_is_refused_and_kept(lab_dsn: str) -> None:
             c.execute("drop table tt1")
 
 
-def _leftovers() -> dict[str, Any]:
+def _leftovers(base: str, cgroup: str) -> list[str]:
+    """Loop devices, mounts and the cgroup of one run still there (other runs may go on)."""
     losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
-    return {
-        "loops": [line for line in losetup.stdout.splitlines() if "wal.img" in line],
-        "cgroups": sorted(p.name for p in Path("/sys/fs/cgroup/blkio").glob("pgtrace-lab-*")),
-        "mounts": [line for line in Path("/proc/mounts").read_text().splitlines()
-                   if "walmnt" in line],
-    }
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    return ([line for line in losetup.stdout.splitlines() + mounts if base in line]
+            + [p for p in (base, cgroup) if os.path.exists(p)])
 
 
 def test_fsync_latency_on_a_throttled_wal_device(tmp_path: Path) -> None:
-    assert _leftovers() == {"loops": [], "cgroups": [], "mounts": []}
     out = tmp_path / "out.json"
     res = lab("fsync-latency", "--smoke", "--json", str(out))
     assert res.returncode == 0, res.stderr
@@ -142,7 +140,11 @@ def test_fsync_latency_on_a_throttled_wal_device(tmp_path: Path) -> None:
     assert one["runners"] == 1
     # 1000 write IOPS: a flush waits its turn at 1 ms per I/O (unthrottled here: 0.3 ms)
     assert one["buckets_ns"]["fsync"] / one["requests"] > 1_000_000
-    assert _leftovers() == {"loops": [], "cgroups": [], "mounts": []}
+    notes = " ".join(doc["notes"])
+    base = re.search(r"private throwaway cluster in (\S+) ", notes)
+    cgroup = re.search(r"blkio cgroup (\S+),", notes)
+    assert base and cgroup, notes
+    assert _leftovers(base.group(1), cgroup.group(1)) == []
 
 
 def test_fsync_latency_refuses_dsn(lab_dsn: str) -> None:
