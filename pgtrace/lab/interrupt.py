@@ -77,8 +77,12 @@ class Interrupt:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGINT)
 
-    def run(self, fn: Callable[[], T], tick: Callable[[], None], every_s: float = 0.25) -> T:
-        """fn() in a thread; tick() every `every_s` while it runs; stop the driver on a signal."""
+    def run(self, fn: Callable[[], T], tick: Callable[[], None], every_s: float = 0.25,
+            on_interrupt: Callable[[], None] | None = None) -> T:
+        """fn() in a thread; tick() every `every_s` while it runs.
+
+        On a signal: stop the driver, and call on_interrupt once (e.g. cancel a query).
+        """
         box: dict[str, object] = {}
 
         def body() -> None:
@@ -89,11 +93,15 @@ class Interrupt:
 
         worker = threading.Thread(target=body, name="pgtrace-lab-run", daemon=True)
         worker.start()
+        cancelled = False
         while worker.is_alive():
             worker.join(every_s)
             tick()
             if self.requested:
                 self.stop_driver()
+                if on_interrupt is not None and not cancelled:
+                    cancelled = True
+                    on_interrupt()
         self.check()
         if "error" in box:
             raise box["error"]  # type: ignore[misc]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 from typing import Any
 
@@ -75,14 +76,25 @@ def _connect(dsn: str) -> psycopg.Connection[Any]:
         raise ServerError(f"cannot connect to PostgreSQL: {exc}".splitlines()[0]) from None
 
 
-def run_sql(dsn: str, statements: tuple[str, ...], params: dict[str, int]) -> None:
-    """Run each statement in its own transaction, `{name}` replaced by the scale's params."""
+def run_sql(dsn: str, statements: tuple[str, ...], params: dict[str, int],
+            intr: Interrupt | None = None) -> None:
+    """Run each statement in its own transaction, `{name}` replaced by the scale's params.
+
+    With `intr`, Ctrl-C cancels the statement running (a long preload) instead of
+    waiting for it; teardown SQL runs without, to the end.
+    """
     if not statements:
         return
     with _connect(dsn) as conn:
         for sql in statements:
+            text = sql.format(**params).encode()
             try:
-                conn.execute(sql.format(**params).encode())
+                if intr is None:
+                    conn.execute(text)
+                else:
+                    intr.check()
+                    intr.run(partial(conn.execute, text), tick=lambda: None,
+                             on_interrupt=conn.cancel_safe)
             except psycopg.Error as exc:
                 raise ServerError(f"lab SQL failed: {str(exc).splitlines()[0]}",
                                   sql.strip().splitlines()[0][:80]) from None
@@ -195,7 +207,7 @@ class _Engine:
         _check_absent(self.dsn, _tables(self.exp))
         with ExitStack() as undo:
             undo.callback(run_sql, self.dsn, self.exp.teardown, self.params)
-            run_sql(self.dsn, self.exp.setup, self.params)
+            run_sql(self.dsn, self.exp.setup, self.params, self.intr)
             for runners in self.scale.runners:
                 for v in self.exp.variants:
                     self.intr.check()
@@ -217,7 +229,7 @@ class _Engine:
             if v.workload:
                 with _connect(self.dsn) as conn:
                     get_workload(v.workload).setup(conn)
-            run_sql(self.dsn, v.setup, self.params)
+            run_sql(self.dsn, v.setup, self.params, self.intr)
             with _connect(self.dsn) as conn:
                 before = self.snapshot(conn, table)
             holder: HorizonHolder | None = None
