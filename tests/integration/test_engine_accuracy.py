@@ -930,3 +930,83 @@ def test_cold_read_is_io_read(cold: ColdRun) -> None:
     assert wall_ms > 0.5 * server_ms, detail
     assert abs(wall_ms - read_ms) <= 0.10 * read_ms, detail
     assert io_ms <= read_ms, detail
+
+
+# === the backend writing dirty buffers itself: io_write ===========================================
+
+DIRTY_ROWS = 40_000  # ~1,300 pages of 8 kB through 1 MB of shared buffers
+
+
+@pytest.fixture(scope="module")
+def dirty() -> Iterator[Traced[dict[str, Any]]]:
+    """A scan that must write the pages it dirties: the first read of freshly inserted rows
+    sets their hint bits (the page is dirtied), and with 1 MB of shared buffers and the
+    background writer off, the scanning backend writes each one out itself to make room.
+    No relation extension happens inside the measured request."""
+    c = start_cluster(settings={"shared_buffers": "1MB", "bgwriter_lru_maxpages": "0",
+                                "autovacuum": "off", "checkpoint_timeout": "1h",
+                                "max_wal_size": "4GB", "max_parallel_workers_per_gather": "0"})
+    try:
+        with connect(c.dsn) as conn:
+            conn.execute("create table w (id int, pad text)")
+            conn.execute("insert into w select g, repeat('x', 200) from generate_series(1, %s) g",
+                          (DIRTY_ROWS,))
+
+        def work(_session: TraceSession) -> dict[str, Any]:
+            with connect(c.dsn) as stats, connect(c.dsn) as scanner:
+                new_io = one(stats, "select count(*) from pg_class where relname = 'pg_stat_io'")
+                if new_io:  # 16+: the client backends' own writes
+                    q = ("select coalesce(sum(write_time), 0), coalesce(sum(writes), 0)"
+                         " from pg_stat_io where backend_type = 'client backend'"
+                         " and object = 'relation'")
+                else:
+                    q = ("select (select blk_write_time from pg_stat_database"
+                         " where datname = current_database()),"
+                         " (select buffers_backend from pg_stat_bgwriter)")
+                for conn in (stats, scanner):
+                    conn.execute(q).fetchall()
+                    conn.execute("select pg_stat_force_next_flush()")
+                before = stats.execute(q).fetchone()
+                window = timed(lambda: scanner.execute("select count(*) from w").fetchall())
+                scanner.execute("select pg_stat_force_next_flush()")
+                after = stats.execute(q).fetchone()
+                assert before is not None and after is not None
+                return {"pid": scanner.info.backend_pid, "window": window, "pg_stat_io": new_io,
+                        "write_ms": float(after[0]) - float(before[0]),
+                        "writes": int(after[1]) - int(before[1])}
+
+        yield traced(c.postmaster_pid, work)
+    finally:
+        c.stop()
+
+
+def test_evicting_dirty_buffers_is_io_write(dirty: Traced[dict[str, Any]]) -> None:
+    """The backend's own buffer writes, against the number PostgreSQL counts (pg_stat_io,
+    16+; 15's buffers_backend reaches pg_stat_bgwriter only when the checkpointer reports
+    it, so it lags and is not compared) and the time it measures (pg_stat_io's write_time,
+    pg_stat_database.blk_write_time on 15).
+
+    PostgreSQL's timer (around smgrwrite) holds the probes' interval (mdwrite's write)
+    plus work outside it, which pgtrace counts as cpu or runqueue: the segment lookup,
+    forwarding the fsync request to the checkpointer (under CheckpointerCommLock), the
+    syscall's entry and exit. And it adds each write truncated to whole microseconds. So:
+    io_write + runqueue:io_write <= write time + 1 us per write <= that + the request's
+    cpu and other run-queue time.
+    """
+    sc = dirty.value
+    r = the_request(dirty.run.frame, sc["pid"], sc["window"])
+    wall_ms = (int(r["io_write"]) + int(r["runqueue:io_write"])) / MS
+    n_ours = int(r["n_write"])
+    slack_ms = n_ours * WRITE_GAP_US / 1000
+    upper_ms = wall_ms + (int(r["cpu"]) + int(r["runqueue:none"])) / MS + slack_ms
+    detail = (f"scan of {DIRTY_ROWS} fresh rows: server {int(r['server_ns']) / MS:.1f} ms, "
+              f"io_write {int(r['io_write']) / MS:.1f} ms, + runqueue:io_write {wall_ms:.1f} ms"
+              f" vs PostgreSQL's write time {sc['write_ms']:.1f} ms "
+              f"({pct(wall_ms, sc['write_ms'])}); upper bound {upper_ms:.1f} ms; writes: "
+              f"pgtrace {n_ours}, PostgreSQL {sc['writes']}")
+    print(detail)
+    assert n_ours > 500, f"the backend hardly wrote: {detail}"
+    if sc["pg_stat_io"]:
+        assert n_ours == sc["writes"], detail
+    assert wall_ms <= sc["write_ms"] + slack_ms, detail
+    assert sc["write_ms"] <= upper_ms, detail
