@@ -28,7 +28,7 @@ def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
 
 def _run(inner: pytest.Pytester, pytestconfig: pytest.Config) -> pytest.RunResult:
     pg_bin = pytestconfig.getoption("--pg-bin")
-    args = ["--pg-bin", pg_bin] if pg_bin else []
+    args = [f"--pg-bin={pg_bin}"] if pg_bin else []  # one token: see scripts/test.sh
     return inner.runpytest_inprocess(*args, "-p", "no:cacheprovider")
 
 
