@@ -6,7 +6,8 @@
 # The source is Debian's source package for that major version (apt-get source
 # postgresql-VERSION), from the Debian release that carries it (17: trixie, 18: forky).
 # Only the upstream tree is built (Debian's patches are not applied), with
-#   ./configure --prefix=$PGTRACE_PG_ROOT/pgVERSION --enable-dtrace
+#   CFLAGS="-O2 -fno-omit-frame-pointer" ./configure --prefix=$PGTRACE_PG_ROOT/pgVERSION \
+#       --enable-dtrace --with-icu --with-openssl [--with-liburing (18+)]
 # plus pg_wait_sampling from the same release's binary package (the accuracy tests compare
 # against it).
 #
@@ -16,13 +17,13 @@
 # machine's apt, like scripts/setup.sh does.
 #
 # Idempotent: when $PGTRACE_PG_ROOT/pgVERSION holds a finished build of that major version
-# it is reused without touching the network (--rebuild builds the archive's current version
-# again). The install is staged and moved into place at the end, so an interrupted build
+# with the same options it is reused without touching the network (--rebuild builds the
+# archive's current version again). The install is staged and moved into place at the end, so an interrupted build
 # never leaves a half-installed prefix. The last line on stdout is the bin dir.
 #
 # Environment: PGTRACE_PG_ROOT (default /opt/pgtrace), PGTRACE_DEBIAN_MIRROR (default: the
 # machine's Debian mirror from /etc/apt, else http://deb.debian.org/debian), PGTRACE_PG_SUITE
-# (the Debian suite to take the source from), MAKEFLAGS/JOBS (default -j2).
+# (the Debian suite to take the source from), JOBS (make -j, default 2).
 set -euo pipefail
 
 export LC_ALL=C
@@ -67,9 +68,19 @@ PREFIX="$ROOT/pg$MAJOR"
 STAMP="$PREFIX/.pgtrace-build"
 JOBS="${JOBS:-2}"
 
-# A finished build of this major version: reuse it, no network, no root needed.
+# How the server is built. Frame pointers as in Debian's packages: bcc walks user stacks
+# by them (pgtrace attach --stacks). OpenSSL: the tests trace TLS sessions (ssl = on).
+CONFIGURE=(--prefix="$PREFIX" --enable-dtrace --with-icu --with-openssl)
+if ((MAJOR >= 18)); then
+    CONFIGURE+=(--with-liburing)  # io_method = io_uring
+fi
+BUILD_CFLAGS="-O2 -fno-omit-frame-pointer"
+
+# A finished build of this major version with these options: reuse it, no network, no root.
 finished() {
     [[ -f "$STAMP" && -x "$PREFIX/bin/postgres" && -x "$PREFIX/bin/pgbench" ]] || return 1
+    grep -qxF "configure=${CONFIGURE[*]}" "$STAMP" || return 1
+    grep -qxF "cflags=$BUILD_CFLAGS" "$STAMP" || return 1
     "$PREFIX/bin/postgres" --version 2>/dev/null | grep -qE "\) $MAJOR(\.|beta|rc|devel)"
 }
 
@@ -100,7 +111,7 @@ trap 'rm -rf "$WORK" "$STAGE"' EXIT
 
 # --- build dependencies (machine apt, as scripts/setup.sh installs packages) -------------
 DEPS=(bison flex systemtap-sdt-dev gcc make pkg-config dpkg-dev libreadline-dev zlib1g-dev
-    libicu-dev liburing-dev)
+    libicu-dev libssl-dev liburing-dev)
 missing=()
 for p in "${DEPS[@]}"; do
     [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" == "install ok installed" ]] \
@@ -186,12 +197,8 @@ WS_DEB="$(ls "$WORK"/ws/*.deb | head -n 1)"
 dpkg-deb -x "$WS_DEB" "$WORK/ws/x" >>"$WORK/ws.log" 2>&1 || die "dpkg-deb -x $WS_DEB" "$WORK/ws.log"
 
 # --- configure, build, install into a staging dir -----------------------------------------
-CONFIGURE=(--prefix="$PREFIX" --enable-dtrace --with-icu)
-if ((MAJOR >= 18)); then
-    CONFIGURE+=(--with-liburing)  # io_method = io_uring
-fi
-say "configure ${CONFIGURE[*]}"
-(cd "$SRC" && ./configure "${CONFIGURE[@]}") >"$WORK/configure.log" 2>&1 \
+say "configure ${CONFIGURE[*]} (CFLAGS=$BUILD_CFLAGS)"
+(cd "$SRC" && CFLAGS="$BUILD_CFLAGS" ./configure "${CONFIGURE[@]}") >"$WORK/configure.log" 2>&1 \
     || die "configure" "$WORK/configure.log"
 say "make -j$JOBS"
 make -C "$SRC" -j"$JOBS" >"$WORK/make.log" 2>&1 || die "make" "$WORK/make.log"
@@ -219,6 +226,7 @@ source=$SRC_NAME
 suite=$SUITE
 mirror=$MIRROR
 configure=${CONFIGURE[*]}
+cflags=$BUILD_CFLAGS
 pg_wait_sampling=$WS_NAME
 probe_sites=$NOTES
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
