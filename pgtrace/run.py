@@ -93,6 +93,9 @@ def run_profile(opts: RunOptions) -> RunOutcome:
         )
     if client.empty and code:
         raise ServerError(f"the driver failed (exit {code}) before writing its results")
+    if not client.empty and not client["ok"].any():
+        raise ServerError(f"all {len(client)} requests failed (the driver's first error is "
+                          "above): there is nothing to split")
     # failed requests have no place in the split (the summary counts them as errors)
     joined, unmatched = join_requests(client[client["ok"]], trace.frame)
     frame = e2e_frame(joined, trace.client_runq)

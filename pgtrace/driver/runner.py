@@ -87,6 +87,8 @@ _HANGUP = select.POLLERR | select.POLLHUP
 _SESSION_ENDS = (b"FATAL", b"PANIC")  # severities after which the server closes the session
 # plain ints: the per-reply checks skip the enum lookups
 _COMMAND_OK = int(pq.ExecStatus.COMMAND_OK)
+_TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)  # a custom statement that returns rows
+_EMPTY_QUERY = int(pq.ExecStatus.EMPTY_QUERY)
 _COPY_IN = int(pq.ExecStatus.COPY_IN)
 
 
@@ -166,7 +168,7 @@ class _Wire:
                     self._finish(error)
                     return
                 status = res.status
-                if status == _COMMAND_OK:
+                if status == _COMMAND_OK or status == _TUPLES_OK or status == _EMPTY_QUERY:
                     continue
                 if status == _COPY_IN:
                     # the server waits for the rows: send them all and end the copy

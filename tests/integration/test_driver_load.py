@@ -320,6 +320,18 @@ def test_sql_file(dsn: str, conn: Conn, tmp_path: Path) -> None:
     conn.execute("drop table custom_t")
 
 
+def test_sql_file_select(dsn: str, tmp_path: Path) -> None:
+    """A statement that returns rows is a request like any other, not an error."""
+    f = tmp_path / "r.sql"
+    f.write_text("\\set k random(1, 1000)\nselect :k::int + 1, repeat('x', :k::int);\n")
+    out = tmp_path / "s.json"
+    res = _invoke(["--dsn", dsn, "--sql-file", str(f), "--runners", "2", "--count", "40",
+                   "--summary-json", str(out)])
+    assert res.exit_code == 0, res.output
+    summ = json.loads(out.read_text())
+    assert summ["requests"] == 40 and summ["errors"] == 0, summ
+
+
 def _key_default(conn: Conn, table: str) -> str | None:
     row = conn.execute(
         "select pg_get_expr(d.adbin, d.adrelid) from pg_attribute a"

@@ -299,6 +299,21 @@ def test_run_unreachable_server(tmp_path: Path) -> None:
         assert not calls, f"{len(calls)} bpf/perf_event_open calls, e.g. {calls[0]}"
 
 
+def test_run_every_request_failing(dsn: str, tmp_path: Path) -> None:
+    """Every request an error: the driver's count of them, then one closing line, a
+    non-zero exit (the server error's code)."""
+    sql = tmp_path / "bad.sql"
+    sql.write_text("select 1/0;\n")
+    res = subprocess.run([PGTRACE, "run", "--dsn", dsn, "--sql-file", str(sql), "--runners",
+                          "2", "--count", "10"], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert res.returncode not in (0, 1), res.stderr  # 1 would be an unexpected exception
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == (
+        "pgtrace: all 10 requests failed (the driver's first error is above): "
+        "there is nothing to split"), res.stderr
+
+
 def test_frames_are_int64(single: RunOutcome) -> None:
     """Nanosecond columns stay integers through the join (the capture keeps them)."""
     f: pd.DataFrame = single.frame
