@@ -90,6 +90,7 @@ _COMMAND_OK = int(pq.ExecStatus.COMMAND_OK)
 _TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)  # a custom statement that returns rows
 _EMPTY_QUERY = int(pq.ExecStatus.EMPTY_QUERY)
 _COPY_IN = int(pq.ExecStatus.COPY_IN)
+_DONE_OK = frozenset((_COMMAND_OK, _TUPLES_OK, _EMPTY_QUERY))
 
 
 class _Wire:
@@ -168,7 +169,7 @@ class _Wire:
                     self._finish(error)
                     return
                 status = res.status
-                if status == _COMMAND_OK or status == _TUPLES_OK or status == _EMPTY_QUERY:
+                if status in _DONE_OK:
                     continue
                 if status == _COPY_IN:
                     # the server waits for the rows: send them all and end the copy
