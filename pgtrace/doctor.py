@@ -381,6 +381,28 @@ def check_target(pid: int) -> tuple[Check, str | None]:
     return Check("target", True, detail), t.binary
 
 
+def check_engine(pid: int) -> Check:
+    """How `attach` would time LWLock waits and end requests on the cluster of `pid`."""
+    from pgtrace.collect.waitevent import locate_wait_event_info, supported
+    from pgtrace.settings import server_settings
+    from pgtrace.target import find_target
+
+    try:
+        t = find_target(pid)
+    except PgtraceError as exc:
+        return Check("engine", False, exc.message, exc.hint)
+    if locate_wait_event_info(t.binary, t.major, t.postmaster_pid) is not None:
+        lw = f"LWLock waits from wait events (tranche ids of PostgreSQL {t.major})"
+    elif supported(t.major):
+        lw = "LWLock waits from the lwlock__wait USDT probes (my_wait_event_info not found)"
+    else:
+        lw = f"LWLock waits from the lwlock__wait USDT probes (no tranche table for {t.major})"
+    ssl = server_settings(t.binary, t.postmaster_pid, t.data_dir, ("ssl",)).get("ssl") == "on"
+    end = ("requests end at a uprobe on ReadyForQuery (ssl = on)" if ssl
+           else "requests end at the send of 'Z'")
+    return Check("engine", True, f"{lw}; {end}")
+
+
 def check_binary(path: str) -> Check:
     """A server binary pgtrace traces: this machine's arch (x86_64), version 13 or newer."""
     from pgtrace.target import (
@@ -460,6 +482,8 @@ def run_checks(
     if pid is not None:
         target, target_binary = check_target(pid)
         checks.append(target)
+        if target.ok:
+            checks.append(check_engine(pid))
         path = path or target_binary
     if path is not None:
         checks.append(check_binary(path))

@@ -30,7 +30,7 @@ MACHINE_CHECKS = [
     "bcc-load",
     "psi",
 ]
-TARGET_CHECKS = ["target", "binary", "usdt", "usdt-required"]
+TARGET_CHECKS = ["target", "engine", "binary", "usdt", "usdt-required"]
 
 
 def _failures(checks: list[doctor.Check]) -> list[doctor.Check]:
@@ -54,6 +54,9 @@ def test_checks_with_a_live_server(pg_cluster: Any, pg_major: int) -> None:
     assert by["binary"].detail.startswith(f"PostgreSQL {pg_major}.")
     assert f"postmaster {pg_cluster.postmaster_pid}" in by["target"].detail
     assert "probe sites" in by["usdt"].detail
+    # every version the tests run has a tranche table: no LWLock probe traps
+    assert by["engine"].detail.startswith(
+        f"LWLock waits from wait events (tranche ids of PostgreSQL {pg_major})"), by["engine"]
     assert by["usdt"].detail.endswith(os.path.realpath(f"{pg_cluster.bin_dir}/postgres"))
 
 
