@@ -130,15 +130,16 @@ def queued(dsn: str) -> RunOutcome:
 @pytest.fixture(scope="module")
 def hogs(dsn: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(calm, hogged) pooled frames: the same open-loop load, alternately beside two
-    busy-looping processes."""
+    busy-looping processes per CPU (one per CPU left the server side's tail growing by
+    only 3.7x-4.7x in some runs on 18, where 10x was usual)."""
     cpus = sorted(os.sched_getaffinity(0))
     calm: list[pd.DataFrame] = []
     hogged: list[pd.DataFrame] = []
-    for _ in range(2):
+    for _ in range(3):  # pooled: the calm tail is a few dozen wake-ups
         out = profile(dsn, runners=8, connections=8, duration=3, rate=HOG_RATE)
         assert out.summary["unmatched"] == 0
         calm.append(out.frame)
-        with cpu_hogs([cpus[i % len(cpus)] for i in range(2)]):
+        with cpu_hogs([cpus[i % len(cpus)] for i in range(2 * len(cpus))]):
             out = profile(dsn, runners=8, connections=8, duration=3, rate=HOG_RATE)
         assert out.summary["unmatched"] == 0
         hogged.append(out.frame)
@@ -235,9 +236,10 @@ def test_wakeups_grow_beside_cpu_hogs(bucket: str,
     a, b = float(calm[bucket].mean()), float(hogged[bucket].mean())
     ta = float((calm[bucket] > HOG_TAIL_NS).mean())
     tb = float((hogged[bucket] > HOG_TAIL_NS).mean())
-    seen = (f"{bucket} per request {a / 1e3:.1f} us without hogs, {b / 1e3:.1f} us with two "
+    seen = (f"{bucket} per request {a / 1e3:.1f} us without hogs, {b / 1e3:.1f} us with them "
             f"({b / a if a else float('inf'):.2f}x); over {HOG_TAIL_NS / 1e6:g} ms: "
             f"{ta:.3%} of requests without, {tb:.3%} with; {len(calm)} / {len(hogged)} requests")
+    print(seen)
     if bucket in HOG_FACTOR:
         assert b >= HOG_FACTOR[bucket] * a, f"{seen}; expected >= {HOG_FACTOR[bucket]}x"
     assert tb >= HOG_TAIL_FACTOR * ta and tb > 0, f"{seen}; expected >= {HOG_TAIL_FACTOR}x"
