@@ -23,12 +23,21 @@ UPROBE_PMU = "/sys/bus/event_source/devices/uprobe/type"
 PSI_CPU = "/proc/pressure/cpu"
 SYSTEM_BCC = "/usr/lib/python3/dist-packages/bcc"
 
+def _raw_category(name: str) -> str:
+    """The tracefs category of a raw tracepoint the probes use."""
+    return "raw_syscalls" if name in ("sys_enter", "sys_exit") else "sched"
+
+
 def _probe_tracepoints() -> tuple[str, ...]:
     """Every tracepoint the BPF programs in probes/ attach to (cat:name)."""
     from pgtrace.collect.loader import iter_sources
 
-    found = {f"{cat}:{name}" for _file, text in iter_sources()
-             for cat, name in re.findall(r"TRACEPOINT_PROBE\((\w+),\s*(\w+)\)", text)}
+    found = set()
+    for _file, text in iter_sources():
+        found |= {f"{cat}:{name}"
+                  for cat, name in re.findall(r"\bTRACEPOINT_PROBE\((\w+),\s*(\w+)\)", text)}
+        found |= {f"{_raw_category(name)}:{name}"
+                  for name in re.findall(r"\bRAW_TRACEPOINT_PROBE\((\w+)\)", text)}
     return tuple(sorted(found))
 
 
@@ -55,9 +64,9 @@ _SUBPROCESS_TIMEOUT = 120.0
 _LOAD_PROGRAM = """
 import sys
 import bcc
-b = bcc.BPF(text="TRACEPOINT_PROBE(sched, sched_switch) { return 0; }")
+b = bcc.BPF(text="RAW_TRACEPOINT_PROBE(sched_switch) { return 0; }")
 try:
-    n = b.num_open_tracepoints()
+    n = len(b.raw_tracepoint_fds)
 finally:
     b.cleanup()
 sys.stdout.write(str(n))
@@ -217,7 +226,7 @@ def check_tracepoints(tracefs: str, tracefs_check: Check) -> Check:
             missing.append(tp)
     if not missing:
         return Check("tracepoints", True, f"all {len(TRACEPOINTS)} present")
-    if any(tp.startswith("syscalls:") for tp in missing):
+    if any(tp.startswith(("syscalls:", "raw_syscalls:")) for tp in missing):
         fix = "boot a kernel built with CONFIG_FTRACE_SYSCALLS=y"
     else:
         fix = "boot a kernel built with CONFIG_TRACEPOINTS=y"
@@ -339,7 +348,7 @@ def check_bcc_load(blockers: list[Check]) -> Check:
         return Check("bcc-load", False, f"compile/load did not finish: {exc}", None)
     if res.returncode == 0:
         return Check(
-            "bcc-load", True, "compiled, loaded and detached a sched_switch tracepoint program"
+            "bcc-load", True, "compiled, loaded and detached a sched_switch raw tracepoint program"
         )
     return Check(
         "bcc-load",

@@ -40,15 +40,13 @@
 #ifndef MAX_TASKS
 #define MAX_TASKS 16384           /* traced tasks whose state slot was taken (the spill map) */
 #endif
+#ifndef TASK_PID_OFF
+#define TASK_PID_OFF offsetof(struct task_struct, pid)  /* the loader passes it from BTF */
+#endif
 #ifndef STATE_SLOTS
 #define STATE_SLOTS 8192          /* power of two: task states at pid & (STATE_SLOTS - 1) */
 #endif
 
-/*
- * What a tracepoint program returns: non-zero keeps the event for the other
- * perf users of that tracepoint (perf record, other tracers); 0 would drop it.
- */
-#define TP_KEEP 1
 
 /* ---- buckets: indices into req_event.buckets (mirrored in pgtrace/model.py) */
 #define B_CPU 0
@@ -234,6 +232,14 @@ static __always_inline void bump(u32 idx)
 		(*c)++;
 }
 
+
+/* The pid (thread id) of a task the raw tracepoints handed over. */
+static __always_inline u32 pid_of_task(void *task)
+{
+	u32 pid = 0;
+	bpf_probe_read_kernel(&pid, sizeof(pid), (u8 *)task + TASK_PID_OFF);
+	return pid;
+}
 
 /* The state of a traced task, or NULL. */
 static __always_inline struct task_state *state_of(u32 pid)
@@ -482,15 +488,6 @@ static __always_inline struct task_state *current_state(void)
 			bump(C_RESYNCED);
 	}
 	return st;
-}
-
-static __always_inline void leave_syscall_ctx(void)
-{
-	struct task_state *st = current_state();
-	if (!st || !top_is(st, ORIGIN_SYSCALL))
-		return;
-	charge(st, bpf_ktime_get_ns());
-	st->depth--;
 }
 
 /* Read one register of pt_regs by its index (struct pt_regs as u64 words). */

@@ -96,7 +96,7 @@ static __always_inline void end_request(struct task_state *st, u64 now)
  * response's transit, not the request's time.
  *
  * ReadyForQuery flushes its 'Z' message at once, so that send ends with the
- * six bytes 'Z' 0 0 0 5 <status>.  Those bytes are read at sys_enter_sendto
+ * six bytes 'Z' 0 0 0 5 <status>.  Those bytes are read as sendto enters
  * (a window carried across sends, for a message split over two of them).
  * Where the stream is encrypted (ssl = on), RFQ_UPROBE instead marks the send
  * from a uprobe on ReadyForQuery, at the price of a trap per request.
@@ -110,15 +110,16 @@ int on_ready_for_query(struct pt_regs *ctx)
 	return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+static __always_inline void sendto_enter(const u8 *buf, u64 len)
 {
 	struct task_state *st = current_state();
 	if (!st || !st->ending)
-		return TP_KEEP;
+		return;
 	st->ending = 0;
 	end_request(st, bpf_ktime_get_ns());
-	return TP_KEEP;
 }
+
+static __always_inline void sendto_exit(struct task_state *st, long ret) {}
 #else
 #define RFQ_HEAD 0x5A00000005ULL        /* 'Z', then the length 5 as int32 */
 #define TAIL_MASK 0xFFFFFFFFFFFFULL     /* six bytes */
@@ -145,7 +146,7 @@ static __always_inline u64 slide_tail(u64 w, const u8 *buf, u64 len)
 	return w & TAIL_MASK;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+static __always_inline void sendto_enter(const u8 *buf, u64 len)
 {
 	struct task_state *st = current_state();
 	u8 status;
@@ -153,47 +154,38 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 	/* a retry of the ReadyForQuery send (EAGAIN, or the rest of a short
 	 * write) already ended its request */
 	if (!st || st->resending)
-		return TP_KEEP;
-	st->sent_tail = slide_tail(st->sent_tail, (const u8 *)args->buff, args->len);
+		return;
+	st->sent_tail = slide_tail(st->sent_tail, buf, len);
 	status = st->sent_tail & 0xff;
 	if ((st->sent_tail >> 8) != RFQ_HEAD || (status != 'I' && status != 'T' && status != 'E'))
-		return TP_KEEP;
+		return;
 	st->resending = 1;
-	st->resend_len = args->len;
+	st->resend_len = len;
 	end_request(st, bpf_ktime_get_ns());
-	return TP_KEEP;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+/* The ReadyForQuery send returned: done unless it went out in part or not at all. */
+static __always_inline void sendto_exit(struct task_state *st, long ret)
 {
-	struct task_state *st = current_state();
-	if (!st || !st->resending)
-		return TP_KEEP;
-	if (args->ret > 0 && (u64)args->ret >= st->resend_len)
+	if (ret > 0 && (u64)ret >= st->resend_len)
 		st->resending = 0;              /* all of it went out */
-	else if (args->ret > 0)
-		st->resend_len -= args->ret;    /* short write: the rest is sent next */
-	return TP_KEEP;
+	else if (ret > 0)
+		st->resend_len -= ret;          /* short write: the rest is sent next */
 }
 #endif
 
 /* The first bytes read while idle start a request. */
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
+static __always_inline void recvfrom_exit(struct task_state *st, long ret)
 {
-	struct task_state *st;
 	u64 now, seq;
-	if (args->ret <= 0)
-		return TP_KEEP;
-	st = current_state();
-	if (!st || st->req != REQ_IDLE)
-		return TP_KEEP;
+	if (ret <= 0)
+		return;
 	now = bpf_ktime_get_ns();
 	seq = st->acc.seq;
 	reset_request(st, now);
 	st->acc.seq = seq;
 	st->acc.wakeup_ns = st->wake_runq_ns;
 	st->req = REQ_BUSY;
-	return TP_KEEP;
 }
 
 /*
@@ -211,24 +203,28 @@ int on_report_activity(struct pt_regs *ctx)
 	return 0;
 }
 
-/* Children of the traced postmaster become traced tasks. */
-TRACEPOINT_PROBE(sched, sched_process_fork)
+/*
+ * Children of the traced postmaster become traced tasks.  Raw tracepoints, as
+ * in sched.bpf.c: (struct task_struct *parent, struct task_struct *child).
+ */
+RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
-	if (POSTMASTER_PID == 0 || args->parent_pid != POSTMASTER_PID)
-		return TP_KEEP;
-	new_task(args->child_pid, bpf_ktime_get_ns());
+	if (POSTMASTER_PID == 0 || pid_of_task((void *)ctx->args[0]) != POSTMASTER_PID)
+		return 0;
+	new_task(pid_of_task((void *)ctx->args[1]), bpf_ktime_get_ns());
 	bump(C_FORKS);
-	return TP_KEEP;
+	return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exit)
+/* (struct task_struct *p, ...): the exiting task is the current one */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
 	u32 pid = bpf_get_current_pid_tgid();
 	struct task_state *st = state_of(pid);
 	if (!st)
-		return TP_KEEP;
+		return 0;
 	if (st->req == REQ_BUSY)
 		bump(C_ABORTED);
 	untrack(pid);
-	return TP_KEEP;
+	return 0;
 }

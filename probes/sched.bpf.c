@@ -2,8 +2,8 @@
  * sched.bpf.c: on CPU, waiting for a CPU (runqueue), or blocked.
  *
  * sched_switch charges the time before it and sets the mode from prev_state:
- * a task switched out while runnable (preempted, prev_state 0 or the
- * TASK_REPORT_MAX "R+" bit) waits in the run queue; any other state blocks.
+ * a task switched out while runnable (preempted, or still TASK_RUNNING) waits
+ * in the run queue; any other state blocks.
  * sched_wakeup ends a block; the next switch-in ends the run-queue wait.
  * Driver threads (is_client) report each run-queue wait as an interval.
  *
@@ -14,6 +14,11 @@
  * context that its next switch-in closes, so the run-queue wait after the
  * wake-up is split under that context too.  This costs two reads of user
  * memory per sleep instead of two uprobe traps per LWLock wait.
+ *
+ * These are raw tracepoints: the program gets the tracepoint's own arguments
+ * (task pointers), where a perf tracepoint would first fill a perf record for
+ * every context switch in the system.  They are invisible to other perf users
+ * of the same tracepoints, and close with their file descriptors.
  */
 #include "pgtrace.h"
 
@@ -63,16 +68,15 @@ static __always_inline void enter_wait_event(struct task_state *st)
 }
 #endif
 
-TRACEPOINT_PROBE(sched, sched_switch)
+static __always_inline void on_switch(void *ctx, u32 prev, u32 next, int runnable)
 {
 	u64 now = bpf_ktime_get_ns();
-	u32 prev = args->prev_pid, next = args->next_pid;
 	struct task_state *st;
 
 	st = state_of(prev);
 	if (st) {
 		charge(st, now);
-		if ((args->prev_state & TASK_REPORT_BITS) == 0) {
+		if (runnable) {
 			st->mode = MODE_RUNQ;
 			st->wake_ts = now;
 			st->acc.n_ivcsw++;
@@ -89,8 +93,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
 #ifdef WITH_STACKS
 			st->off_ustack = st->off_kstack = -1;
 			if (st->req != REQ_NONE) {
-				st->off_ustack = stack_traces.get_stackid(args, BPF_F_USER_STACK);
-				st->off_kstack = stack_traces.get_stackid(args, 0);
+				st->off_ustack = stack_traces.get_stackid(ctx, BPF_F_USER_STACK);
+				st->off_kstack = stack_traces.get_stackid(ctx, 0);
 			}
 #endif
 		}
@@ -110,7 +114,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
 		}
 		st->mode = MODE_ONCPU;
 	}
-	return TP_KEEP;
 }
 
 static __always_inline void woken(u32 pid)
@@ -125,14 +128,24 @@ static __always_inline void woken(u32 pid)
 	st->wake_ts = now;
 }
 
-TRACEPOINT_PROBE(sched, sched_wakeup)
+RAW_TRACEPOINT_PROBE(sched_switch)
 {
-	woken(args->pid);
-	return TP_KEEP;
+	/* (bool preempt, struct task_struct *prev, struct task_struct *next, unsigned prev_state) */
+	u32 prev = bpf_get_current_pid_tgid();  /* prev is the current task */
+	on_switch(ctx, prev, pid_of_task((void *)ctx->args[2]),
+		  ctx->args[0] || (ctx->args[3] & TASK_REPORT_BITS) == 0);
+	return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_wakeup_new)
+RAW_TRACEPOINT_PROBE(sched_wakeup)
 {
-	woken(args->pid);
-	return TP_KEEP;
+	woken(pid_of_task((void *)ctx->args[0]));
+	return 0;
 }
+
+RAW_TRACEPOINT_PROBE(sched_wakeup_new)
+{
+	woken(pid_of_task((void *)ctx->args[0]));
+	return 0;
+}
+

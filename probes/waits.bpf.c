@@ -1,6 +1,6 @@
 /*
  * waits.bpf.c: wait contexts. USDT probes for LWLock and heavyweight-lock
- * waits and relation reads/writes; syscall tracepoints for the WAL (writes
+ * waits and relation reads/writes; system calls (syscalls.bpf.c) for the WAL (writes
  * and flushes to the fd of the open WAL segment, found when it is opened).
  */
 #include "pgtrace.h"
@@ -128,45 +128,39 @@ static __always_inline int is_hex(char c)
 	return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'F');
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+static __always_inline void openat_enter(const char *filename)
 {
 	char head[8] = {};
 	struct task_state *st = current_state();
 	if (!st)
-		return TP_KEEP;
-	bpf_probe_read_user(head, 8, args->filename);
+		return;
+	bpf_probe_read_user(head, 8, filename);
 	st->opening_wal = 0;
 	if (head[0] == 'p' && head[1] == 'g' && head[2] == '_' && head[3] == 'w' &&
 	    head[4] == 'a' && head[5] == 'l' && head[6] == '/')
 		st->opening_wal = is_hex(head[7]) ? 1 : (head[7] == 'x' ? 2 : 0);
-	return TP_KEEP;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+static __always_inline void openat_exit(struct task_state *st, long ret)
 {
-	struct task_state *st = current_state();
-	if (!st || !st->opening_wal)
-		return TP_KEEP;
-	if (args->ret >= 0) {
+	if (ret >= 0) {
 		if (st->opening_wal == 1)
-			st->wal_fd = args->ret;
+			st->wal_fd = ret;
 		else
-			st->init_fd = args->ret;
+			st->init_fd = ret;
 	}
 	st->opening_wal = 0;
-	return TP_KEEP;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
+static __always_inline void close_enter(u64 fd)
 {
 	struct task_state *st = current_state();
 	if (!st)
-		return TP_KEEP;
-	if (st->wal_fd >= 0 && args->fd == (u64)st->wal_fd)
+		return;
+	if (st->wal_fd >= 0 && fd == (u64)st->wal_fd)
 		st->wal_fd = -1;
-	if (st->init_fd >= 0 && args->fd == (u64)st->init_fd)
+	if (st->init_fd >= 0 && fd == (u64)st->init_fd)
 		st->init_fd = -1;
-	return TP_KEEP;
 }
 
 static __always_inline int is_wal_fd(struct task_state *st, u64 fd)
@@ -191,10 +185,6 @@ static __always_inline void sync_enter(u64 fd, int is_fsync)
 	}
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_fdatasync) { sync_enter(args->fd, 0); return TP_KEEP; }
-TRACEPOINT_PROBE(syscalls, sys_exit_fdatasync) { leave_syscall_ctx(); return TP_KEEP; }
-TRACEPOINT_PROBE(syscalls, sys_enter_fsync) { sync_enter(args->fd, 1); return TP_KEEP; }
-TRACEPOINT_PROBE(syscalls, sys_exit_fsync) { leave_syscall_ctx(); return TP_KEEP; }
 
 /* Writes to WAL files: their own bucket, or the flush itself with O_DSYNC. */
 static __always_inline void write_enter(u64 fd)
@@ -208,8 +198,3 @@ static __always_inline void write_enter(u64 fd)
 	else
 		enter_syscall_ctx(st, CTX_WAL_WRITE);
 }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64) { write_enter(args->fd); return TP_KEEP; }
-TRACEPOINT_PROBE(syscalls, sys_exit_pwrite64) { leave_syscall_ctx(); return TP_KEEP; }
-TRACEPOINT_PROBE(syscalls, sys_enter_pwritev) { write_enter(args->fd); return TP_KEEP; }
-TRACEPOINT_PROBE(syscalls, sys_exit_pwritev) { leave_syscall_ctx(); return TP_KEEP; }

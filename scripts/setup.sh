@@ -112,7 +112,7 @@ apt_install "postgresql $PG_MAJOR" \
     postgresql postgresql-contrib \
     "postgresql-$PG_MAJOR-pg-wait-sampling" "postgresql-$PG_MAJOR-pg-stat-kcache" libpq5
 apt_install "bcc and build tools" \
-    bpfcc-tools python3-bpfcc python3-venv systemtap-sdt-dev gcc
+    bpfcc-tools python3-bpfcc python3-venv systemtap-sdt-dev gcc linux-libc-dev
 # HTML reports: PNG export (kaleido) and the browser test draw with Chromium;
 # perf: the tests check that pgtrace leaves tracepoint events to other tracers
 # vagrant: the tests run `vagrant validate` on vagrant/Vagrantfile

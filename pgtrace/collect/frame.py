@@ -84,43 +84,51 @@ def records_frame(
     fingerprints: Fingerprints,
     keep_text: bool = False,
 ) -> pd.DataFrame:
-    """One row per request record in `raw` (concatenated struct req_event)."""
+    """One row per request record in `raw` (concatenated struct req_event).
+
+    The numeric columns are written once, into one int64 block that becomes
+    the frame without another copy: this runs while tracing, beside the server.
+    """
     a = np.frombuffer(raw, dtype=event_dtype(query_len))
-    cols: dict[str, object] = {
-        "pid": a["pid"].astype(np.int64),
-        "seq": a["seq"].astype(np.int64),
-        "t_start": a["t_start"].astype(np.int64),
-        "t_end": a["t_end"].astype(np.int64),
+    cols: dict[str, np.ndarray] = {
+        "pid": a["pid"],
+        "seq": a["seq"],
+        "t_start": a["t_start"],
+        "t_end": a["t_end"],
     }
-    server = cols["t_end"] - cols["t_start"]  # type: ignore[operator]
+    server = a["t_end"].astype(np.int64) - a["t_start"].astype(np.int64)
     cols["server_ns"] = server
-    cols["wakeup_ns"] = a["wakeup_ns"].astype(np.int64)
-    buckets = a["buckets"].astype(np.int64)
+    cols["wakeup_ns"] = a["wakeup_ns"]
+    buckets = a["buckets"]
     for i, name in enumerate(SERVER_BUCKETS):
         cols[name] = buckets[:, i]
-    cols[UNEXPLAINED] = server - buckets.sum(axis=1)
-    rq = a["rq_ctx"].astype(np.int64)
+    cols[UNEXPLAINED] = server - buckets.sum(axis=1, dtype=np.int64)
+    rq = a["rq_ctx"]
     for i, ctx in enumerate(CONTEXTS):
         cols[RUNQUEUE_PREFIX + ctx] = rq[:, i]
     cols.update(_lwlock_columns(a, tranches))
-    lock = a["lock_ns"].astype(np.int64)
+    lock = a["lock_ns"]
     for i, name in enumerate(LOCK_TYPES):
         if lock[:, i].any():
             cols[LOCK_PREFIX + name] = lock[:, i]
     for name in COUNTS:
-        cols[name] = a[name].astype(np.int64)
-    cols["depth_at_end"] = a["depth_at_end"].astype(np.int64)
+        cols[name] = a[name]
+    cols["depth_at_end"] = a["depth_at_end"]
+    block = np.empty((len(cols), len(a)), dtype=np.int64)
+    for i, col in enumerate(cols.values()):
+        block[i] = col
+    df = pd.DataFrame(block.T, columns=list(cols), copy=False)
     # fingerprint each distinct text once (grouped by a vectorized 64-bit hash)
-    texts = np.ascontiguousarray(a["query"]).view(f"S{query_len}").ravel()
-    _, first, inverse = np.unique(text_hashes(a["query"]), return_index=True,
-                                  return_inverse=True)
+    query = np.ascontiguousarray(a["query"])
+    texts = query.view(f"S{query_len}").ravel()
+    _, first, inverse = np.unique(text_hashes(query), return_index=True, return_inverse=True)
     uniq = [bytes(texts[i]) for i in first.tolist()]
     fps = np.array([fingerprints(q) for q in uniq], dtype=object)
-    cols["fingerprint"] = fps[inverse.ravel()] if len(a) else np.array([], dtype=object)
+    df["fingerprint"] = fps[inverse.ravel()] if len(a) else np.array([], dtype=object)
     if keep_text:
         decoded = np.array([q.decode("utf-8", "replace") for q in uniq], dtype=object)
-        cols["query"] = decoded[inverse.ravel()] if len(a) else np.array([], dtype=object)
-    return pd.DataFrame(cols)
+        df["query"] = decoded[inverse.ravel()] if len(a) else np.array([], dtype=object)
+    return df
 
 
 FNV_PRIME = np.uint64(0x100000001B3)
@@ -133,7 +141,8 @@ def text_hashes(query: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     raw = np.ascontiguousarray(query).view(np.uint8).reshape(n, -1)
     width = raw.shape[1] - raw.shape[1] % 8
-    words = np.ascontiguousarray(raw[:, :width]).view(np.uint64)
+    words = (raw if width == raw.shape[1] else np.ascontiguousarray(raw[:, :width])).view(
+        np.uint64)
     acc = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i in range(words.shape[1]):

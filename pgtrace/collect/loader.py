@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgtrace.collect.btf import VMLINUX_BTF, BtfError, member_offset
 from pgtrace.collect.events import ARG_CONST, ARG_MEM, ARG_REG, PT_REGS, ArgKey, ArgSpecC
 from pgtrace.elf.symbols import symbol_offset
 from pgtrace.elf.usdt import ProbeSite, probes_by_name, read_probes
@@ -28,7 +29,17 @@ from pgtrace.errors import (
 )
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
-SOURCES = ("request.bpf.c", "sched.bpf.c", "waits.bpf.c", "stacks.bpf.c")
+SOURCES = ("request.bpf.c", "sched.bpf.c", "waits.bpf.c", "syscalls.bpf.c", "stacks.bpf.c")
+
+#: System call numbers by machine (NR_* in syscalls.bpf.c), and the pt_regs
+#: field that holds the call's number at its exit.
+SYSCALLS: dict[str, dict[str, int]] = {
+    "x86_64": {"RECVFROM": 45, "SENDTO": 44, "OPENAT": 257, "CLOSE": 3, "FSYNC": 74,
+               "FDATASYNC": 75, "PWRITE64": 18, "PWRITEV": 296},
+    "aarch64": {"RECVFROM": 207, "SENDTO": 206, "OPENAT": 56, "CLOSE": 57, "FSYNC": 82,
+                "FDATASYNC": 83, "PWRITE64": 68, "PWRITEV": 70},
+}
+SYSCALL_NR_FIELD = {"x86_64": "orig_ax", "aarch64": "syscallno"}
 
 #: USDT probe -> BPF function, and the argument (0-based) the function reads.
 USDT_PROBES: dict[str, tuple[str, int | None]] = {
@@ -143,7 +154,7 @@ class ProgramConfig:
             f"-DWAL_WRITE_IS_SYNC={int(self.wal_write_is_sync)}",
             f"-DWAL_FLUSH_IS_FSYNC={int(self.wal_flush_is_fsync)}",
             "-Wno-macro-redefined",
-        ] + (["-DWITH_STACKS"] if self.stacks else []) + (
+        ] + syscall_flags() + [task_pid_flag()] + (["-DWITH_STACKS"] if self.stacks else []) + (
             [f"-DMYBEENTRY_ADDR={self.mybeentry_addr:#x}ULL",
              f"-DACTIVITY_RAW_OFF={self.activity_raw_off}"]
             if self.mybeentry_addr
@@ -161,6 +172,27 @@ class ProgramConfig:
         if name == "pgstat_report_activity":
             return self.mybeentry_addr != 0
         return name.startswith("lwlock__wait__") and self.wait_event_addr != 0
+
+
+def syscall_flags(machine: str | None = None) -> list[str]:
+    """-D flags naming this machine's system call numbers."""
+    machine = machine or os.uname().machine
+    if machine not in SYSCALLS:
+        raise EnvironmentError_(f"pgtrace does not know the system calls of {machine}",
+                                "run it on x86_64 or aarch64")
+    return [f"-DNR_{name}={nr}" for name, nr in SYSCALLS[machine].items()] + [
+        f"-DSYSCALL_NR_FIELD={SYSCALL_NR_FIELD[machine]}"]
+
+
+def task_pid_flag(btf_path: str = VMLINUX_BTF) -> str:
+    """-DTASK_PID_OFF: where a task's pid sits in this kernel's task_struct."""
+    try:
+        return f"-DTASK_PID_OFF={member_offset('task_struct', 'pid', btf_path)}"
+    except BtfError as exc:
+        raise EnvironmentError_(
+            f"cannot find task_struct.pid in the kernel's BTF ({exc})",
+            "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian's are)",
+        ) from exc
 
 
 def program_text() -> str:

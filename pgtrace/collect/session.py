@@ -210,7 +210,23 @@ class TraceSession:
         out: dict[str, int] = {}
         for i, name in enumerate(COUNTERS):
             out[name] = int(sum(table[ct.c_int(i)]))
+        out["missed"] = self._recursion_misses()
         return out
+
+    def _recursion_misses(self) -> int:
+        """Program runs the kernel skipped (a program already running on that CPU)."""
+        assert self._att is not None and self._att.bpf is not None
+        total = 0
+        for fn in self._att.bpf.funcs.values():
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("recursion_misses:"):
+                    total += int(line.split()[1])
+        return total
 
     def tracked_pids(self) -> list[int]:
         """Pids currently in the task map."""

@@ -97,13 +97,13 @@ def prog_exists(prog_id: int) -> bool:
 
 
 def kernel_objects(pid: int) -> tuple[int, set[int]]:
-    """(perf event fds, BPF program ids) held by a process."""
+    """(attachments: perf event and BPF link fds, BPF program ids) held by a process."""
     perf, progs = 0, set()
     with contextlib.suppress(FileNotFoundError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link == "anon_inode:[perf_event]":
+                if link in ("anon_inode:[perf_event]", "anon_inode:bpf_link"):
                     perf += 1
                 elif link == "anon_inode:bpf-prog":
                     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
@@ -662,7 +662,7 @@ def test_interval_lines(pm: int, backend: int, attaches: Callable[..., Attach]) 
 def test_ebpf_prints_the_program() -> None:
     res = run_cli("attach", "--ebpf", "-p", "1")
     assert res.returncode == 0, res.stderr
-    assert "TRACEPOINT_PROBE(sched, sched_switch)" in res.stdout
+    assert "RAW_TRACEPOINT_PROBE(sched_switch)" in res.stdout
     first = res.stdout.splitlines()[0]
     assert first.startswith("// cflags: ")
     for flag in ("-DPOSTMASTER_PID=", "-DQUERY_LEN=128", "-DRINGBUF_PAGES=", "-DSTATE_RUNNING=",
