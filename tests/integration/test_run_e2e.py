@@ -21,6 +21,10 @@ module fixtures, computed once and shared by the tests that read them:
   0.02-0.11% of requests without, 1.1-1.3% with, 10x-50x) far more than in its mean
   (1.31x-1.69x); client_wakeup (the driver uses its whole time slice) grew 14x-24x
   in the mean, and over 1 ms from 0-0.07% to 3.4-3.7% of requests.
+- ``delayed``: 1 runner, 2 s straight to the server, then 2 s through a proxy
+  (delayproxy.py) holding every chunk 4 ms on its way to the server and 2 ms on its way
+  back: request_transit and response_transit must each grow by their own delay (plus the
+  proxy's own forwarding cost, which the proxy logs chunk by chunk), and nothing else.
 """
 
 from __future__ import annotations
@@ -35,14 +39,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from pgtrace.capture import read_capture
 from pgtrace.driver.workloads import get_workload
 from pgtrace.model import E2E_BUCKETS, REPORT_BUCKETS
 from pgtrace.run import RunOptions, RunOutcome, run_profile
+from tests.conftest import ClusterLike
+from tests.integration.delayproxy import DelayProxy, delay_proxy, forwarding_cost
 from tests.integration.workload import cpu_hogs
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -57,6 +65,18 @@ HOG_RATE = 3000.0  # requests/s: the driver keeps it up with and without the hog
 HOG_FACTOR = {"client_wakeup": 3.0}
 HOG_TAIL_NS = 1_000_000  # a wake-up longer than this waited out a hog's time slice
 HOG_TAIL_FACTOR = 5.0  # least growth of the share of such wake-ups (measured >= 10x)
+#: the proxy's hold per direction, ns: different, so that swapped transits are caught
+DELAY_NS = {"request_transit": 4_000_000, "response_transit": 2_000_000}
+# What a transit may exceed its delay by, beyond the proxy's own logged cost (per request)
+# or beyond the transit without the proxy (medians), and what the server time may grow by:
+# half the smaller delay, so a swap or a delay counted elsewhere lands outside. Measured:
+# the proxy's cost 0.09-0.15 ms in the median (two Python thread wake-ups), but beside two
+# busy loops 2 ms at p95 (only 92% of requests within 1 ms of the delay), hence per request
+# the bound is taken net of it: what is left, 0.02-0.05 ms in the median and <= 0.2 ms but
+# for one request in hundreds under the busy loops, is the kernel's hand-over plus the
+# driver's or the backend's own steps, like the transit without the proxy (0-0.013 ms).
+TRANSIT_SLACK_NS = 1_000_000
+WITHIN_SHARE = 0.95  # of the requests, per-request bounds (a neighbour's load hits a few)
 
 LOAD_KEYS = {"requests", "errors", "duration_s", "tps", "client_ns"}
 CLIENT_NS_KEYS = {"mean", "p50", "p99", "p999", "max"}
@@ -144,6 +164,21 @@ def hogs(dsn: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         assert out.summary["unmatched"] == 0
         hogged.append(out.frame)
     return pd.concat(calm, ignore_index=True), pd.concat(hogged, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def delayed(pg_cluster: ClusterLike) -> tuple[RunOutcome, RunOutcome, DelayProxy]:
+    """(straight, proxied, proxy): the same single-runner load without and with the proxy,
+    back to back, so that a neighbour's load is much the same in both."""
+    upstream = os.path.join(pg_cluster.socket_dir, f".s.PGSQL.{pg_cluster.port}")
+    if not os.path.exists(upstream):
+        pytest.skip(f"the server has no Unix socket at {upstream} for the proxy to reach")
+    straight = profile(pg_cluster.dsn, runners=1, duration=2)
+    with delay_proxy(upstream, pg_cluster.port, DELAY_NS["request_transit"],
+                     DELAY_NS["response_transit"]) as proxy:
+        proxied = profile(make_conninfo(pg_cluster.dsn, host=proxy.dir), runners=1,
+                          duration=2)
+    return straight, proxied, proxy
 
 
 # --- every request matched; the split adds up ------------------------------------------------
@@ -243,6 +278,70 @@ def test_wakeups_grow_beside_cpu_hogs(bucket: str,
     if bucket in HOG_FACTOR:
         assert b >= HOG_FACTOR[bucket] * a, f"{seen}; expected >= {HOG_FACTOR[bucket]}x"
     assert tb >= HOG_TAIL_FACTOR * ta and tb > 0, f"{seen}; expected >= {HOG_TAIL_FACTOR}x"
+
+
+# --- transits against an injected delay -----------------------------------------------------
+
+
+@pytest.mark.parametrize("bucket", ["request_transit", "response_transit"])
+def test_transit_is_the_injected_delay(
+    bucket: str, delayed: tuple[RunOutcome, RunOutcome, DelayProxy]
+) -> None:
+    """Each transit grows by its own delay, request by request: at least the delay (the
+    proxy holds every chunk that long after the driver's or the backend's send), and at
+    most the delay plus the proxy's logged cost of forwarding that request plus the slack."""
+    straight, proxied, proxy = delayed
+    f = proxied.frame.sort_values("t_send")
+    assert proxied.summary["unmatched"] == 0 and len(f) == proxied.summary["requests"]
+    delay = DELAY_NS[bucket]
+    direction, since = ("in", "t_send") if bucket == "request_transit" else ("out", "t_end")
+    driver = max(proxy.chunks, key=lambda c: len(c["in"]))  # the busiest of its connections
+    cost = forwarding_cost(driver[direction], f[since].to_numpy(), f["t_recv"].to_numpy(),
+                           delay, direction)
+    got = f[bucket].to_numpy()
+    residual = got - delay - cost  # beyond the delay and the proxy's own cost
+    base, med = float(straight.frame[bucket].median()), float(np.median(got))
+    inside = float(((got >= delay) & (residual <= TRANSIT_SLACK_NS)).mean())
+    seen = (f"{bucket}: median {base / 1e3:.1f} us straight, {med / 1e3:.1f} us through a "
+            f"{delay / 1e6:g} ms proxy ({(med - delay - base) / 1e3:+.1f} us beyond both); "
+            f"proxy cost median {np.median(cost) / 1e3:.1f} us, p95 "
+            f"{np.quantile(cost, 0.95) / 1e3:.1f} us; net of it: median "
+            f"{np.median(residual) / 1e3:.1f} us, p95 {np.quantile(residual, 0.95) / 1e3:.1f}"
+            f" us, min {residual.min() / 1e3:.1f} us, max {residual.max() / 1e3:.1f} us; "
+            f"{inside:.1%} of {len(f)} requests within bounds, "
+            f"{float((got - delay <= TRANSIT_SLACK_NS).mean()):.1%} within "
+            f"{TRANSIT_SLACK_NS / 1e6:g} ms of the delay")
+    print(seen)
+    assert base < TRANSIT_SLACK_NS, f"{seen}; without the proxy already over the slack"
+    assert delay <= med <= delay + base + TRANSIT_SLACK_NS, seen
+    assert inside >= WITHIN_SHARE, seen
+
+
+def test_injected_delay_stays_out_of_the_server(
+    delayed: tuple[RunOutcome, RunOutcome, DelayProxy],
+) -> None:
+    """The proxy's delays are transit: the server's time per request barely moves (a delay
+    counted in it would add >= 2 ms to every request; measured +0.19-0.22 ms, the backend
+    idling 6 ms between requests), and the split still adds up.
+
+    Net of runqueue: CPU pressure from a neighbour stretches the server's time in one run
+    and not the other (beside two busy loops: 0.16 ms straight, 1.7 ms through the proxy,
+    all of it runqueue), and it is not where a delay counted as server time would go."""
+    straight, proxied, _ = delayed
+    a, b = (float((o.frame["server_ns"] - o.frame["runqueue"]).median())
+            for o in (straight, proxied))
+    f = proxied.frame
+    total = int(f["latency_ns"].sum())
+    unexplained = int(f["e2e_unexplained"].abs().sum())
+    seen = (f"server_ns net of runqueue, median: {a / 1e3:.1f} us straight, {b / 1e3:.1f} us "
+            f"through the proxy (server_ns {straight.frame['server_ns'].median() / 1e3:.1f} /"
+            f" {f['server_ns'].median() / 1e3:.1f} us); client latency median "
+            f"{straight.frame['latency_ns'].median() / 1e3:.1f} / "
+            f"{f['latency_ns'].median() / 1e3:.1f} us; |unexplained| {unexplained / total:.3%};"
+            f" {shares_line(proxied)}")
+    print(seen)
+    assert b <= a + TRANSIT_SLACK_NS, seen
+    assert unexplained <= 0.02 * total, seen
 
 
 # --- the command line ------------------------------------------------------------------------
