@@ -10,8 +10,9 @@ from typing import Any
 import click
 import psycopg
 
-from pgtrace.driver.runner import Progress, run_load, server_error_line
+from pgtrace.driver.runner import Progress, run_load
 from pgtrace.driver.summary import load_summary
+from pgtrace.driver.wire import server_error_line
 from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
 from pgtrace.driver.workloads import WORKLOADS
 from pgtrace.errors import PgtraceError, ServerError

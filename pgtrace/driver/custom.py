@@ -59,6 +59,9 @@ class CustomWorkload(Workload):
     def wire_params(self) -> list[bytes | None]:
         return [make().encode() for _name, make in self.variables]
 
+    def fixed_params(self) -> list[bytes | None] | None:
+        return None if self.variables else []
+
     def setup(self, conn: psycopg.Connection[Any]) -> Workload:
         """Nothing to create: the statement's tables are the user's."""
         return self

@@ -125,6 +125,10 @@ class Workload:
             return out
         return [payload] * self.batch_rows
 
+    def fixed_params(self) -> list[bytes | None] | None:
+        """wire_params() when every request sends the same values (encoded once), else None."""
+        return None if self.id_factory is not None or self.copy else self.wire_params()
+
     def for_server(self, conn: psycopg.Connection[Any]) -> Workload:
         """This workload as it runs on the server of ``conn``: with the server's own key
         function (``native_key``) as the key's default when the server has it."""

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import select
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-import uvloop
 from click.testing import CliRunner
 
 from pgtrace.driver import runner
+from pgtrace.driver import wire as wire_mod
 from pgtrace.driver.command import load
-from pgtrace.driver.runner import RequestError, run_load
+from pgtrace.driver.runner import run_load
+from pgtrace.driver.wire import RequestError, Wire
 from pgtrace.driver.workloads import WORKLOADS, get_workload
 from pgtrace.errors import ServerError
 
@@ -227,64 +226,104 @@ def test_server_restart_mid_run(tmp_path: Path) -> None:
         assert s["duration_s"] < 20
 
 
-LOOPS: dict[str, Callable[[Coroutine[Any, Any, float]], float]] = {
-    "uvloop": uvloop.run, "asyncio": asyncio.run}
+def _sabotage(conn: Conn, wire: Wire) -> float:
+    """With wire's insert waiting on a lock: a Sync its backend will never read, then end
+    the backend. Returns when the socket holds the FATAL message and an error (POLLERR),
+    unless the request has ended meanwhile; the time the backend was ended."""
+    deadline = time.monotonic() + 10
+    while conn.execute("select wait_event_type from pg_stat_activity where pid = %s",
+                       (wire.pid,)).fetchone() != ("Lock",):
+        assert time.monotonic() < deadline, "the insert never waited on the lock"
+        time.sleep(0.01)
+    os.write(wire.fd, b"S" + struct.pack("!i", 4))
+    ended_at = time.monotonic()
+    conn.execute("select pg_terminate_backend(%s)", (wire.pid,))
+    hangup = select.poll()
+    hangup.register(wire.fd, 0)  # errors and hang-ups only
+    while wire.busy and time.monotonic() < deadline:
+        if hangup.poll(10):
+            break
+    return ended_at
 
 
-@pytest.mark.parametrize("ending", ["fatal", "watchdog"])
-@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+@pytest.mark.parametrize("ending", ["fatal", "socket-error"])
 def test_request_ends_when_backend_exits_with_our_bytes_unread(
-        loop_name: str, ending: str, dsn: str, conn: Conn,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        ending: str, dsn: str, conn: Conn, monkeypatch: pytest.MonkeyPatch) -> None:
     """The restart hang, made deterministic: a backend that exits with bytes of ours unread
-    leaves our socket with an error (POLLERR) behind its FATAL message. uvloop then runs the
-    reader once (it reads the FATAL, the request still waits for ReadyForQuery) and closes its
-    watcher. The FATAL ends the request at once; with that path off ("watchdog"), the
-    liveness check alone must end it within a few periods."""
-    if ending == "watchdog":
-        monkeypatch.setattr(runner, "_SESSION_ENDS", ())
+    leaves our socket with an error (POLLERR) behind its FATAL message (an event loop may
+    then drop its reader: uvloop did). The loop's epoll is level-triggered: the FATAL
+    ends the request at once; with that path off, the socket's error does."""
+    if ending == "socket-error":
+        monkeypatch.setattr(wire_mod, "_SESSION_ENDS", ())
     w = get_workload("insert-bigint")
     conn.execute(f"drop table if exists {w.table}")
     w.setup(conn)
     lock_conn: Conn = psycopg.connect(dsn)  # holds the table: the insert waits, request read
+    made: list[Wire] = []
 
-    async def scenario() -> float:
-        loop = asyncio.get_running_loop()
-        aconn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        wire = runner._Wire(aconn, w, loop)
-        watchdog = asyncio.create_task(runner._watch([wire], runner.LIVENESS_S))
-        try:
+    class Spy(Wire):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)  # prepares the insert: before the lock
             lock_conn.execute(f"lock table {w.table} in access exclusive mode")
-            request = asyncio.create_task(wire.execute(w.wire_params()))
-            deadline = time.monotonic() + 10
-            while conn.execute("select wait_event_type from pg_stat_activity where pid = %s",
-                               (wire.pid,)).fetchone() != ("Lock",):
-                assert time.monotonic() < deadline, "the insert never waited on the lock"
-                await asyncio.sleep(0.01)
-            # a Sync the blocked backend will never read, then end the backend; the loop
-            # runs again only once our socket has both the FATAL and the error (POLLERR)
-            os.write(wire.fd, b"S" + struct.pack("!i", 4))
-            conn.execute("select pg_terminate_backend(%s)", (wire.pid,))
-            hangup = select.poll()
-            hangup.register(wire.fd, 0)  # errors and hang-ups only
-            events = hangup.poll(10_000)
-            assert events and events[0][1] & select.POLLERR, events
-            t0 = time.monotonic()
-            with pytest.raises(RequestError) as err:
-                await asyncio.wait_for(request, 10)
-            assert err.value.broken
-            assert wire.dead
-            return time.monotonic() - t0
-        finally:
-            watchdog.cancel()
-            wire.close()
-            await aconn.close()
+            made.append(self)
 
+    monkeypatch.setattr(runner, "Wire", Spy)
+    ended_at: list[float] = []
+
+    def saboteur() -> None:
+        try:
+            deadline = time.monotonic() + 10
+            while not made and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with psycopg.connect(dsn, autocommit=True) as c:
+                ended_at.append(_sabotage(c, made[0]))
+        finally:
+            if not ended_at:
+                lock_conn.close()  # let the insert through: the run ends, the test fails
+
+    t = threading.Thread(target=saboteur)
+    t.start()
     try:
-        elapsed = LOOPS[loop_name](scenario())
+        res = run_load(dsn, w, runners=1, duration_s=None, count=1)
+        done_at = time.monotonic()
     finally:
+        t.join()
         lock_conn.close()
-    assert elapsed < (1.0 if ending == "fatal" else 3 * runner.LIVENESS_S + 1.0)
+    assert ended_at and done_at - ended_at[0] < 1.0
+    assert res.fatal and len(res.frame) == 1 and not res.frame["ok"].any()
+    w.teardown(conn)
+
+
+@pytest.mark.parametrize("ending", ["fatal", "socket-error"])
+def test_liveness_check_ends_request_on_dead_socket(
+        ending: str, dsn: str, conn: Conn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog's part, with no loop polling: the same dead socket (POLLERR behind the
+    FATAL), and Wire.check alone ends the request as lost."""
+    if ending == "socket-error":
+        monkeypatch.setattr(wire_mod, "_SESSION_ENDS", ())
+    w = get_workload("insert-bigint")
+    conn.execute(f"drop table if exists {w.table}")
+    w.setup(conn)
+    lock_conn: Conn = psycopg.connect(dsn)
+    wconn = psycopg.connect(dsn, autocommit=True)
+    try:
+        wire = Wire(wconn, w)
+        lock_conn.execute(f"lock table {w.table} in access exclusive mode")
+        wire.send()
+        _sabotage(conn, wire)
+        assert wire.busy  # nothing has read the socket yet
+        hangup = select.poll()
+        hangup.register(wire.fd, 0)
+        events = hangup.poll(0)
+        assert events and events[0][1] & select.POLLERR, events
+        assert wire.check()
+        assert wire.dead and not wire.busy
+        assert wire.failure is not None and wire.failure.broken
+        with pytest.raises(RequestError):
+            wire.send()
+    finally:
+        wconn.close()
+        lock_conn.close()
     w.teardown(conn)
 
 

@@ -7,7 +7,8 @@ from itertools import pairwise
 
 import pytest
 
-from pgtrace.driver.runner import intended_start_ns, run_load, server_error_line
+from pgtrace.driver.runner import intended_start_ns, run_load
+from pgtrace.driver.wire import server_error_line
 from pgtrace.driver.workloads import WORKLOADS, get_workload
 from pgtrace.errors import UsageError
 
@@ -90,3 +91,22 @@ def test_copy_rows_in_text_format() -> None:
     v = get_workload("insert-uuidv7", payload_bytes=3, batch_rows=2, copy=True)
     lines = v.copy_data().decode().splitlines()
     assert len(lines) == 2 and all(len(ln.split("\t")) == 2 for ln in lines)
+
+
+def test_record_frame_and_progress() -> None:
+    from pgtrace.driver.record import Record
+    from pgtrace.driver.runner import COLUMNS
+
+    rec = Record()
+    rec.add((10, 20, 1_000_030, 7, True, 0))
+    rec.add((40, 50, 3_000_060, 8, False, 1))
+    p = rec.progress(1.0)
+    assert (p.requests, p.errors, p.tps) == (2, 1, 2)
+    rec.add((70, 80, 2_000_090, 7, True, 0))
+    p = rec.progress(2.0)
+    assert (p.requests, p.errors, p.tps) == (3, 1, 1) and p.p50_ms == 2.00002
+    df = rec.frame()
+    assert tuple(df.columns) == COLUMNS and len(rec) == 3
+    assert df["t_recv"].tolist() == [1_000_030, 3_000_060, 2_000_090]
+    assert df["ok"].tolist() == [True, False, True] and df["ok"].dtype == bool
+    assert df["pid"].dtype == "int32" and df["runner"].tolist() == [0, 1, 0]
