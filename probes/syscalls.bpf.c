@@ -46,6 +46,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 		break;
 	case NR_PWRITE64:
 	case NR_PWRITEV:
+	case NR_FALLOCATE:
 		write_enter(sys_arg((u64 *)&PT_REGS_PARM1(regs)));
 		break;
 	}

@@ -186,12 +186,22 @@ static __always_inline void sync_enter(u64 fd, int is_fsync)
 }
 
 
-/* Writes to WAL files: their own bucket, or the flush itself with O_DSYNC. */
+/*
+ * Writes to WAL files: their own bucket, or the flush itself with O_DSYNC.
+ * Writes to other files are data: a relation's extension (mdextend's pwrite,
+ * mdzeroextend's pwritev or fallocate, outside the smgr write probes), a temp
+ * file's, or a buffer's inside those probes (a nested context of the same kind).
+ * Only the probes' writes are counted (n_write is PostgreSQL's `writes`).
+ */
 static __always_inline void write_enter(u64 fd)
 {
 	struct task_state *st = current_state();
-	if (!st || !is_wal_fd(st, fd))
+	if (!st)
 		return;
+	if (!is_wal_fd(st, fd)) {
+		enter_syscall_ctx(st, CTX_IO_WRITE);
+		return;
+	}
 	st->acc.n_wal_write++;
 	if (WAL_WRITE_IS_SYNC && st->wal_fd >= 0 && fd == (u64)st->wal_fd)
 		enter_syscall_ctx(st, CTX_FSYNC);
