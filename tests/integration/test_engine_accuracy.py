@@ -934,6 +934,21 @@ def test_cold_read_is_io_read(cold: ColdRun) -> None:
 
 # === the backend writing dirty buffers itself: io_write ===========================================
 
+def stats_around(stats: Conn, actor: Conn, q: str,
+                 fn: Callable[[], Any]) -> tuple[Window, Any, Any]:
+    """(window of fn, q's row before, q's row after) with `actor`'s statistics flushed
+    on both sides: fn runs on `actor`, q is read on `stats`."""
+    for conn in (stats, actor):
+        conn.execute(q).fetchall()  # warm catalogs, flush their stats now
+        conn.execute("select pg_stat_force_next_flush()")
+    before = stats.execute(q).fetchone()
+    window = timed(fn)
+    actor.execute("select pg_stat_force_next_flush()")
+    after = stats.execute(q).fetchone()
+    assert before is not None and after is not None
+    return window, before, after
+
+
 DIRTY_ROWS = 40_000  # ~1,300 pages of 8 kB through 1 MB of shared buffers
 
 
@@ -963,14 +978,8 @@ def dirty() -> Iterator[Traced[dict[str, Any]]]:
                     q = ("select (select blk_write_time from pg_stat_database"
                          " where datname = current_database()),"
                          " (select buffers_backend from pg_stat_bgwriter)")
-                for conn in (stats, scanner):
-                    conn.execute(q).fetchall()
-                    conn.execute("select pg_stat_force_next_flush()")
-                before = stats.execute(q).fetchone()
-                window = timed(lambda: scanner.execute("select count(*) from w").fetchall())
-                scanner.execute("select pg_stat_force_next_flush()")
-                after = stats.execute(q).fetchone()
-                assert before is not None and after is not None
+                window, before, after = stats_around(
+                    stats, scanner, q, lambda: scanner.execute("select count(*) from w").fetchall())
                 return {"pid": scanner.info.backend_pid, "window": window, "pg_stat_io": new_io,
                         "write_ms": float(after[0]) - float(before[0]),
                         "writes": int(after[1]) - int(before[1])}
@@ -1036,16 +1045,9 @@ def extend() -> Iterator[Traced[dict[str, Any]]]:
                 q = ("select coalesce(sum(extend_time), 0), coalesce(sum(write_time), 0),"
                      " coalesce(sum(extends), 0), coalesce(sum(writes), 0) from pg_stat_io"
                      " where backend_type = 'client backend' and object = 'relation'")
-                for conn in (stats, writer):
-                    conn.execute(q).fetchall()
-                    conn.execute("select pg_stat_force_next_flush()")
-                before = stats.execute(q).fetchone()
-                window = timed(lambda: writer.execute(
+                window, before, after = stats_around(stats, writer, q, lambda: writer.execute(
                     "insert into e select g, repeat('x', 500) from generate_series(1, %s) g",
                     (EXTEND_ROWS,)))
-                writer.execute("select pg_stat_force_next_flush()")
-                after = stats.execute(q).fetchone()
-                assert before is not None and after is not None
                 return {"pid": writer.info.backend_pid, "window": window,
                         "extend_ms": float(after[0]) - float(before[0]),
                         "write_ms": float(after[1]) - float(before[1]),
