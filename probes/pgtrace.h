@@ -41,7 +41,8 @@
 #define MAX_TASKS 16384           /* traced tasks whose state slot was taken (the spill map) */
 #endif
 #ifndef TASK_PID_OFF
-#define TASK_PID_OFF offsetof(struct task_struct, pid)  /* the loader passes it from BTF */
+/* from the running kernel's BTF: the headers may be another build's (loader.py) */
+#error "TASK_PID_OFF (the offset of task_struct.pid) must be passed"
 #endif
 #ifndef STATE_SLOTS
 #define STATE_SLOTS 8192          /* power of two: task states at pid & (STATE_SLOTS - 1) */

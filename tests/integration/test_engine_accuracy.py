@@ -989,6 +989,15 @@ def dirty() -> Iterator[Traced[dict[str, Any]]]:
         c.stop()
 
 
+def io_write_bounds(r: pd.Series, ops: int) -> tuple[float, float, float]:
+    """(io_write + runqueue:io_write, slack for `ops` timer truncations, the upper bound of
+    PostgreSQL's time: that wall time + the request's cpu and other run-queue time + slack),
+    all in ms."""
+    wall_ms = (int(r["io_write"]) + int(r["runqueue:io_write"])) / MS
+    slack_ms = ops * WRITE_GAP_US / 1000
+    return wall_ms, slack_ms, wall_ms + (int(r["cpu"]) + int(r["runqueue:none"])) / MS + slack_ms
+
+
 def test_evicting_dirty_buffers_is_io_write(dirty: Traced[dict[str, Any]]) -> None:
     """The backend's own buffer writes, against the number PostgreSQL counts (pg_stat_io,
     16+; 15's buffers_backend reaches pg_stat_bgwriter only when the checkpointer reports
@@ -1004,10 +1013,8 @@ def test_evicting_dirty_buffers_is_io_write(dirty: Traced[dict[str, Any]]) -> No
     """
     sc = dirty.value
     r = the_request(dirty.run.frame, sc["pid"], sc["window"])
-    wall_ms = (int(r["io_write"]) + int(r["runqueue:io_write"])) / MS
     n_ours = int(r["n_write"])
-    slack_ms = n_ours * WRITE_GAP_US / 1000
-    upper_ms = wall_ms + (int(r["cpu"]) + int(r["runqueue:none"])) / MS + slack_ms
+    wall_ms, slack_ms, upper_ms = io_write_bounds(r, n_ours)
     detail = (f"scan of {DIRTY_ROWS} fresh rows: server {int(r['server_ns']) / MS:.1f} ms, "
               f"io_write {int(r['io_write']) / MS:.1f} ms, + runqueue:io_write {wall_ms:.1f} ms"
               f" vs PostgreSQL's write time {sc['write_ms']:.1f} ms "
@@ -1070,11 +1077,8 @@ def test_relation_extension_is_io_write(extend: Traced[dict[str, Any]]) -> None:
     second bound fails whenever they are a visible share of the time."""
     sc = extend.value
     r = the_request(extend.run.frame, sc["pid"], sc["window"])
-    wall_ms = (int(r["io_write"]) + int(r["runqueue:io_write"])) / MS
     pg_ms = sc["extend_ms"] + sc["write_ms"]
-    ops = sc["extends"] + sc["writes"]
-    slack_ms = ops * WRITE_GAP_US / 1000
-    upper_ms = wall_ms + (int(r["cpu"]) + int(r["runqueue:none"])) / MS + slack_ms
+    wall_ms, slack_ms, upper_ms = io_write_bounds(r, sc["extends"] + sc["writes"])
     detail = (f"insert of {EXTEND_ROWS} rows ({sc['pages']} pages): server "
               f"{int(r['server_ns']) / MS:.1f} ms, io_write {int(r['io_write']) / MS:.1f} ms, "
               f"+ runqueue:io_write {wall_ms:.1f} ms vs PostgreSQL's extend_time "
