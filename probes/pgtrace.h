@@ -182,6 +182,8 @@ struct task_state {
 	u32 pid;              /* the task this state belongs to (0: a free slot) */
 	u64 sent_tail;        /* the last 6 bytes sent, big-endian in the low 48 bits */
 	u64 resend_len;       /* bytes of that send still to go out */
+	u64 activity_raw;     /* the backend's st_activity_raw, once read (fixed for its life) */
+	u64 wait_event_ptr;   /* its my_wait_event_info target, once read after a request */
 	s32 off_ustack;       /* with stacks: user stack where it last blocked */
 	s32 off_kstack;       /* with stacks: kernel stack where it last blocked */
 	struct ctx_entry stack[MAXDEPTH];

@@ -39,15 +39,21 @@ static __always_inline void new_task(u32 pid, u64 now)
  * The request's text, from the backend's own PgBackendStatus entry: the
  * statement stays in st_activity_raw while the backend is idle.  MYBEENTRY_ADDR
  * is the runtime address of the MyBEEntry pointer (the same in every forked
- * backend), ACTIVITY_RAW_OFF the field's offset, checked by the loader.
+ * backend), ACTIVITY_RAW_OFF the field's offset, checked by the loader.  Both
+ * pointers are fixed once set (a backend keeps its status slot, and a slot its
+ * buffer), so they are read once per backend: one user read per request, not three.
  */
 static __always_inline void read_activity(struct task_state *st)
 {
-	u64 be = 0, raw = 0;
-	if (bpf_probe_read_user(&be, sizeof(be), (void *)MYBEENTRY_ADDR) != 0 || !be)
-		return;
-	if (bpf_probe_read_user(&raw, sizeof(raw), (void *)(be + ACTIVITY_RAW_OFF)) != 0 || !raw)
-		return;
+	u64 be = 0, raw = st->activity_raw;
+	if (!raw) {
+		if (bpf_probe_read_user(&be, sizeof(be), (void *)MYBEENTRY_ADDR) != 0 || !be)
+			return;
+		if (bpf_probe_read_user(&raw, sizeof(raw), (void *)(be + ACTIVITY_RAW_OFF)) != 0 ||
+		    !raw)
+			return;
+		st->activity_raw = raw;
+	}
 	bpf_probe_read_user_str(st->acc.query, sizeof(st->acc.query), (void *)raw);
 }
 #endif

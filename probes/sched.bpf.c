@@ -35,15 +35,25 @@
 /* IO-class wait event id -> CTX_* (0: none), filled by the loader per version */
 BPF_ARRAY(io_wait_ctx, u8, NIO_EVENTS);
 
-/* The wait event the blocking backend published: open its context. */
+/*
+ * The wait event the blocking backend published: open its context.
+ * my_wait_event_info points at a local variable until InitProcess() points it
+ * at the backend's PGPROC, where it stays: it is read once the backend has
+ * answered a request (seq > 0) and kept, so later sleeps cost one user read.
+ */
 static __always_inline void enter_wait_event(struct task_state *st)
 {
-	u64 ptr = 0;
+	u64 ptr = st->wait_event_ptr;
 	u32 wei = 0, id;
 	u8 *kind;
 
-	if (bpf_probe_read_user(&ptr, sizeof(ptr), (void *)MY_WAIT_EVENT_INFO_ADDR) != 0 || !ptr)
-		return;
+	if (!ptr) {
+		if (bpf_probe_read_user(&ptr, sizeof(ptr), (void *)MY_WAIT_EVENT_INFO_ADDR) != 0 ||
+		    !ptr)
+			return;
+		if (st->acc.seq > 0)
+			st->wait_event_ptr = ptr;
+	}
 	if (bpf_probe_read_user(&wei, sizeof(wei), (void *)ptr) != 0)
 		return;
 	id = wei & PG_WAIT_ID_MASK;
@@ -70,11 +80,12 @@ static __always_inline void enter_wait_event(struct task_state *st)
 
 static __always_inline void on_switch(void *ctx, u32 prev, u32 next, int runnable)
 {
-	u64 now = bpf_ktime_get_ns();
+	u64 now = 0;              /* read once a traced task is involved */
 	struct task_state *st;
 
 	st = state_of(prev);
 	if (st) {
+		now = bpf_ktime_get_ns();
 		charge(st, now);
 		if (runnable) {
 			st->mode = MODE_RUNQ;
@@ -101,6 +112,8 @@ static __always_inline void on_switch(void *ctx, u32 prev, u32 next, int runnabl
 	}
 	st = state_of(next);
 	if (st) {
+		if (!now)
+			now = bpf_ktime_get_ns();
 		charge(st, now);
 		if (top_is(st, ORIGIN_SCHED))
 			st->depth--;
