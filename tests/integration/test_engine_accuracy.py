@@ -32,6 +32,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from pgtrace import attach
 from pgtrace.cluster import TempCluster, start_cluster
 from pgtrace.collect.session import TraceSession
 from tests.integration.workload import (
@@ -123,6 +124,7 @@ class Phase:
 class BenchRun:
     trace: Traced[dict[str, Phase]]
     phases: dict[str, Phase]
+    conversions: int = 0  # record batches turned into frames while tracing
 
 
 def wal_stats(conn: Conn) -> dict[str, Any]:
@@ -224,13 +226,33 @@ def bench(quiet_cluster: TempCluster) -> BenchRun:
                                            pids={seg.info.backend_pid})
         return phases
 
-    tr = traced(c.postmaster_pid, work)
+    # a small spool: the records are turned into frames in many batches while tracing,
+    # as on a long run, and every test below checks the batches add up
+    conversions = 0
+    convert = attach.records_frame
+
+    def counted(*args: Any, **kw: Any) -> pd.DataFrame:
+        nonlocal conversions
+        conversions += 1
+        return convert(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attach, "SPOOL_RECORDS", 2_000)
+        mp.setattr(attach, "records_frame", counted)
+        tr = traced(c.postmaster_pid, work)
     frame = tr.run.frame
     for p in tr.value.values():
         if not p.pids:
             p.pids = window_pids(frame, p.t0, p.t1, {p.extra["ctl"]})
         p.frame = pid_rows(frame, p.pids)
-    return BenchRun(tr, tr.value)
+    return BenchRun(tr, tr.value, conversions)
+
+
+def test_records_converted_in_batches(bench: BenchRun) -> None:
+    """The spool path ran: more than one batch, and (tests below) nothing lost between."""
+    n = len(bench.trace.run.frame)
+    assert n > 10_000 and bench.conversions > 3, (bench.conversions, n)
+    assert not bench.trace.run.frame.duplicated(["pid", "seq"]).any()
 
 
 # --- 1. buckets sum to server time ----------------------------------------------------------
