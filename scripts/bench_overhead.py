@@ -1,13 +1,20 @@
 """Overhead of tracing: pgbench single-row inserts, untraced vs traced, side by side.
 
-Runs alternating pairs (untraced, traced) on one private cluster and prints the
-median throughput ratio traced/untraced and the p99 latency ratio. Target:
-throughput ratio >= 0.97. Needs root:  sudo .venv/bin/python scripts/bench_overhead.py
+Runs rounds of untraced and traced runs (every other round in reverse order) on
+one private cluster and prints the median over rounds of the throughput ratio
+traced/untraced, and of the p99 latency ratio. Target: throughput ratio >= 0.97.
+Needs root:  sudo .venv/bin/python scripts/bench_overhead.py [--pairs N] [--seconds S]
+
+With --floor (the default) each round has a third run: the tracepoints pgtrace
+uses (every context switch, wake-up and system call), each with a BPF program
+that returns at once. That is the price any tool seeing those events pays before
+doing any work, the floor under pgtrace's ratio on this machine.
 
 It also prints the CPU time per transaction of the benchmark's own processes
-(server, pgbench, pgtrace: a cgroup of their own), which other load on a shared
-machine disturbs far less than throughput: the traced/untraced ratio of that is
-the overhead's cost in CPU.
+(server, pgbench, pgtrace: a cgroup of their own): the traced/untraced ratio of
+that is the overhead's cost in CPU. On a shared machine both figures swing with
+the neighbours' load from one minute to the next; the ratios within a round
+swing far less.
 """
 
 from __future__ import annotations
@@ -21,13 +28,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pgtrace.attach import AttachOptions, trace_during
 from pgtrace.cluster import start_cluster
+from pgtrace.collect.loader import import_bcc
+from pgtrace.doctor import TRACEPOINTS
 
 SETUP_SQL = (
     "create table bench_insert (id bigint generated always as identity primary key, data int)"
 )
+
+
+#: No checkpoint or autovacuum during the runs (a run writes tens of MB of WAL): either
+#: would land in one arm at random and move its throughput by more than the overhead.
+QUIET = {"checkpoint_timeout": "1h", "max_wal_size": "20GB"}
 
 
 def run_pgbench(bin_dir: str, host: str, port: int, clients: int, seconds: int,
@@ -104,11 +119,28 @@ def measured(meter: CpuMeter, run: Callable[[], tuple[float, float]],
     return tps, p99, (meter.ns() - before) / 1000 / max(tps * seconds, 1)
 
 
+def floor_program() -> str:
+    """A program per tracepoint pgtrace attaches to, each returning at once."""
+    names = sorted({tp.split(":", 1)[1] for tp in TRACEPOINTS})
+    return "\n".join(f"RAW_TRACEPOINT_PROBE({name}) {{ return 0; }}" for name in names)
+
+
+def with_floor(run: Callable[[], tuple[float, float, float]]) -> tuple[float, float, float]:
+    """`run()` while the floor programs are attached (compiled before, detached after)."""
+    bpf = import_bcc().BPF(text=floor_program())
+    try:
+        return run()
+    finally:
+        bpf.cleanup()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--clients", type=int, default=40)
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="a third run per round: empty programs on pgtrace's tracepoints")
     args = ap.parse_args()
     meter = CpuMeter()
     try:
@@ -119,8 +151,9 @@ def main() -> int:
 
 def bench(args: argparse.Namespace, meter: CpuMeter) -> int:
     """The pairs, then the ratios."""
-    with start_cluster() as c, tempfile.TemporaryDirectory() as tmp:
+    with start_cluster(settings=QUIET, preload=[]) as c, tempfile.TemporaryDirectory() as tmp:
         c.psql(SETUP_SQL)
+        c.psql("alter table bench_insert set (autovacuum_enabled = off)")
         script = os.path.join(tmp, "insert.sql")
         with open(script, "w") as f:
             f.write("insert into bench_insert(data) values (1);\n")
@@ -129,27 +162,63 @@ def bench(args: argparse.Namespace, meter: CpuMeter) -> int:
         run_pgbench(*bench[:4], 3, script, tmp)  # warm-up
         plain: list[tuple[float, float, float]] = []
         traced: list[tuple[float, float, float]] = []
-        for i in range(args.pairs):
-            plain.append(measured(meter, lambda: run_pgbench(*bench), args.seconds))
+        floor: list[tuple[float, float, float]] = []
+
+        def one() -> tuple[float, float, float]:
+            return measured(meter, lambda: run_pgbench(*bench), args.seconds)
+
+        requests: list[str] = []
+
+        def run_traced() -> tuple[float, float, float]:
             opts = AttachOptions(pids=[c.postmaster_pid], duration=args.seconds + 30)
-            res, out = trace_during(
-                opts, lambda _s: measured(meter, lambda: run_pgbench(*bench), args.seconds))
-            traced.append(out)
-            print(f"pair {i + 1}: untraced {plain[-1][0]:8.0f} tps p99 {plain[-1][1]:6.2f} ms "
-                  f"cpu {plain[-1][2]:5.1f} us | traced {traced[-1][0]:8.0f} tps p99 "
-                  f"{traced[-1][1]:6.2f} ms cpu {traced[-1][2]:5.1f} us "
-                  f"({res.summary['requests']} requests, lost {res.summary['lost']})")
+            res, out = trace_during(opts, lambda _s: one())
+            requests.append(f"{res.summary['requests']} requests, lost {res.summary['lost']}")
+            return out
 
-        def ratio(k: int) -> float:
-            return statistics.median(t[k] for t in traced) / statistics.median(p[k] for p in plain)
-
-        print(f"throughput ratio traced/untraced (median): {ratio(0):.3f}  (target >= 0.97)")
-        print(f"p99 latency ratio traced/untraced (median): {ratio(1):.3f}")
-        if meter.path:
-            print(f"CPU per transaction traced/untraced (median): {ratio(2):.3f} "
-                  f"({statistics.median(p[2] for p in plain):.1f} -> "
-                  f"{statistics.median(t[2] for t in traced):.1f} us)")
+        arms: list[tuple[list[tuple[float, float, float]], Callable[[], Any]]] = [
+            (plain, one), (traced, run_traced)]
+        if args.floor:
+            arms.append((floor, lambda: with_floor(one)))
+        for i in range(args.pairs):
+            # every other round backwards: a drift of the machine's speed favours no arm
+            for runs, run in arms if i % 2 == 0 else arms[::-1]:
+                runs.append(run())
+            line = (f"round {i + 1}: untraced {plain[-1][0]:8.0f} tps p99 {plain[-1][1]:6.2f} ms"
+                    f" cpu {plain[-1][2]:5.1f} us | traced {traced[-1][0]:8.0f} tps p99 "
+                    f"{traced[-1][1]:6.2f} ms cpu {traced[-1][2]:5.1f} us ({requests[-1]})")
+            if args.floor:
+                line += f" | floor {floor[-1][0]:8.0f} tps cpu {floor[-1][2]:5.1f} us"
+            print(line, flush=True)
+        report(plain, traced, floor, bool(meter.path))
     return 0
+
+
+Runs = list[tuple[float, float, float]]
+
+
+def report(plain: Runs, traced: Runs, floor: Runs, with_cpu: bool) -> None:
+    """Medians of the ratios to the untraced run of the same round.
+
+    A round's runs follow each other within a minute, so the ratio of each
+    round cancels most of the drift of a shared machine's speed, which swings
+    by more than the overhead measured here between minutes.
+    """
+    def ratio(runs: Runs, k: int) -> float:
+        return statistics.median(t[k] / p[k] for t, p in zip(runs, plain, strict=True))
+
+    def cpu(runs: Runs) -> float:
+        return statistics.median(t[2] for t in runs)
+
+    print(f"throughput ratio traced/untraced (median of {len(traced)} rounds): "
+          f"{ratio(traced, 0):.3f}  (target >= 0.97)")
+    print(f"p99 latency ratio traced/untraced (median): {ratio(traced, 1):.3f}")
+    if with_cpu:
+        print(f"CPU per transaction traced/untraced (median): {ratio(traced, 2):.3f} "
+              f"({cpu(plain):.1f} -> {cpu(traced):.1f} us)")
+    if floor:
+        print(f"floor (empty programs on the same tracepoints): throughput ratio "
+              f"{ratio(floor, 0):.3f}" + (f", CPU per transaction {ratio(floor, 2):.3f} "
+                                          f"({cpu(floor):.1f} us)" if with_cpu else ""))
 
 
 if __name__ == "__main__":
