@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 
 from pgtrace.attach import AttachOptions, trace_during
 from pgtrace.cluster import start_cluster
@@ -39,6 +38,9 @@ SETUP_SQL = (
     "create table bench_insert (id bigint generated always as identity primary key, data int)"
 )
 
+
+Run = tuple[float, float, float]  # tps, p99 ms, CPU us per transaction
+Runs = list[Run]
 
 #: No checkpoint or autovacuum during the runs (a run writes tens of MB of WAL): either
 #: would land in one arm at random and move its throughput by more than the overhead.
@@ -112,7 +114,7 @@ class CpuMeter:
 
 
 def measured(meter: CpuMeter, run: Callable[[], tuple[float, float]],
-             seconds: int) -> tuple[float, float, float]:
+             seconds: int) -> Run:
     """(tps, p99 ms, CPU us per transaction) of one pgbench run."""
     before = meter.ns()
     tps, p99 = run()
@@ -125,7 +127,7 @@ def floor_program() -> str:
     return "\n".join(f"RAW_TRACEPOINT_PROBE({name}) {{ return 0; }}" for name in names)
 
 
-def with_floor(run: Callable[[], tuple[float, float, float]]) -> tuple[float, float, float]:
+def with_floor(run: Callable[[], Run]) -> Run:
     """`run()` while the floor programs are attached (compiled before, detached after)."""
     bpf = import_bcc().BPF(text=floor_program())
     try:
@@ -160,22 +162,22 @@ def bench(args: argparse.Namespace, meter: CpuMeter) -> int:
         os.chmod(tmp, 0o755)
         bench = (c.bin_dir, c.socket_dir, c.port, args.clients, args.seconds, script, tmp)
         run_pgbench(*bench[:4], 3, script, tmp)  # warm-up
-        plain: list[tuple[float, float, float]] = []
-        traced: list[tuple[float, float, float]] = []
-        floor: list[tuple[float, float, float]] = []
+        plain: Runs = []
+        traced: Runs = []
+        floor: Runs = []
 
-        def one() -> tuple[float, float, float]:
+        def one() -> Run:
             return measured(meter, lambda: run_pgbench(*bench), args.seconds)
 
         requests: list[str] = []
 
-        def run_traced() -> tuple[float, float, float]:
+        def run_traced() -> Run:
             opts = AttachOptions(pids=[c.postmaster_pid], duration=args.seconds + 30)
             res, out = trace_during(opts, lambda _s: one())
             requests.append(f"{res.summary['requests']} requests, lost {res.summary['lost']}")
             return out
 
-        arms: list[tuple[list[tuple[float, float, float]], Callable[[], Any]]] = [
+        arms: list[tuple[Runs, Callable[[], Run]]] = [
             (plain, one), (traced, run_traced)]
         if args.floor:
             arms.append((floor, lambda: with_floor(one)))
@@ -191,9 +193,6 @@ def bench(args: argparse.Namespace, meter: CpuMeter) -> int:
             print(line, flush=True)
         report(plain, traced, floor, bool(meter.path))
     return 0
-
-
-Runs = list[tuple[float, float, float]]
 
 
 def report(plain: Runs, traced: Runs, floor: Runs, with_cpu: bool) -> None:

@@ -171,11 +171,39 @@ PAPT=(
 say "apt-get update (private: $APTDIR, deb-src $MIRROR $SUITE)"
 apt-get "${PAPT[@]}" update >"$WORK/update.log" 2>&1 || die "apt-get update ($SUITE)" "$WORK/update.log"
 
+# A mirror can list a point release whose files it does not have yet (or any more): then
+# the previous point releases with the same Debian revision are tried, from the same pool
+# directory. Their files are checked against their .dsc's SHA-256 sums; that .dsc is not in
+# the signed index, which the message says.
+earlier_release() {  # earlier_release <source package> <dir>: 0 if one was downloaded
+    local pkg="$1" dir="$2" version directory upstream rev minor m cand dsc name sum
+    rm -f "$dir"/*.dsc
+    version="$(apt-get "${PAPT[@]}" showsrc "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)"
+    directory="$(apt-get "${PAPT[@]}" showsrc "$pkg" 2>/dev/null | sed -n 's/^Directory: //p' | head -n 1)"
+    [[ "$version" =~ ^([0-9]+)\.([0-9]+)(-.*)$ ]] || return 1
+    upstream="${BASH_REMATCH[1]}" minor="${BASH_REMATCH[2]}" rev="${BASH_REMATCH[3]}"
+    for ((m = minor - 1; m >= 0 && m >= minor - 6; m--)); do
+        cand="$upstream.$m$rev"
+        dsc="${pkg}_$cand.dsc"
+        /usr/lib/apt/apt-helper download-file "$MIRROR/$directory/$dsc" "$dir/$dsc" \
+            >>"$WORK/source-$pkg.log" 2>&1 || continue
+        while read -r sum _size name; do
+            /usr/lib/apt/apt-helper download-file "$MIRROR/$directory/$name" "$dir/$name" \
+                "SHA256:$sum" >>"$WORK/source-$pkg.log" 2>&1 || return 1
+        done < <(sed -n '/^Checksums-Sha256:/,/^[^ ]/{/^ /p}' "$dir/$dsc")
+        say "the mirror lists $pkg $version but lacks its files: took $cand from $directory" \
+            "(files checked against its .dsc, which is not in the signed index)"
+        return 0
+    done
+    return 1
+}
+
 fetch_source() {  # fetch_source <source package> <dir>: download and unpack, upstream only
     local pkg="$1" dir="$2"
     mkdir -p "$dir"
     (cd "$dir" && apt-get "${PAPT[@]}" source --download-only "$pkg") >"$WORK/source-$pkg.log" 2>&1 \
-        || die "apt-get source $pkg ($SUITE)" "$WORK/source-$pkg.log"
+        || earlier_release "$pkg" "$dir" \
+        || die "apt-get source $pkg ($SUITE), nor an earlier point release" "$WORK/source-$pkg.log"
     local dsc
     dsc="$(ls "$dir"/*.dsc | head -n 1)"
     # The upstream tree as released: Debian's patches (paths, socket dir) are not applied.
