@@ -178,8 +178,8 @@ apt-get "${PAPT[@]}" update >"$WORK/update.log" 2>&1 || die "apt-get update ($SU
 earlier_release() {  # earlier_release <source package> <dir>: 0 if one was downloaded
     local pkg="$1" dir="$2" version directory upstream rev minor m cand dsc name sum
     rm -f "$dir"/*.dsc
-    version="$(apt-get "${PAPT[@]}" showsrc "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)"
-    directory="$(apt-get "${PAPT[@]}" showsrc "$pkg" 2>/dev/null | sed -n 's/^Directory: //p' | head -n 1)"
+    version="$(apt-cache "${PAPT[@]}" showsrc "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)"
+    directory="$(apt-cache "${PAPT[@]}" showsrc "$pkg" 2>/dev/null | sed -n 's/^Directory: //p' | head -n 1)"
     [[ "$version" =~ ^([0-9]+)\.([0-9]+)(-.*)$ ]] || return 1
     upstream="${BASH_REMATCH[1]}" minor="${BASH_REMATCH[2]}" rev="${BASH_REMATCH[3]}"
     for ((m = minor - 1; m >= 0 && m >= minor - 6; m--)); do
