@@ -55,7 +55,11 @@ MS = 1_000_000
 #: Per WAL write: PostgreSQL's truncation to whole microseconds, or the syscall entry and
 #: exit its timer covers outside pgtrace's programs (0.45-0.7 us measured here).
 WRITE_GAP_US = 1.0
-SYNC_USER_US = 1.0  # user-space and syscall-transition time inside PostgreSQL's sync timer
+#: Per WAL flush: the user-space part of issue_xlog_fsync and the syscall entry and exit
+#: around fdatasync, inside PostgreSQL's timer but outside pgtrace's (~0.2 us measured on
+#: the 2026-11 VM; 1.3-1.4 us on the 2026-12 one, where a bare system call takes ~200 ns,
+#: with the code of either date). Under 2% of a flush on both.
+SYNC_USER_US = 2.0
 
 INSERT = "insert into t(data) values(1);"
 
@@ -335,7 +339,7 @@ def fsync_numbers(p: Phase) -> tuple[float, float, int, int, float, str]:
     n_fsync, n_sync = int(df["n_fsync"].sum()), int(p.wal_delta("wal_sync"))
     synced = df[df["n_fsync"] > 0]
     # PostgreSQL's timer also covers the user-space part of issue_xlog_fsync and the
-    # syscall entry/exit around fdatasync (~0.2 us measured here): allow 1 us per sync.
+    # syscall entry/exit around fdatasync: SYNC_USER_US per sync.
     upper_ms = (synced["fsync"].sum() + synced["runqueue"].sum()) / MS + int(
         synced["n_fsync"].sum()
     ) * SYNC_USER_US / 1000
@@ -950,8 +954,16 @@ def test_cold_read_is_io_read(cold: ColdRun) -> None:
         # some of the reads (AioIoCompletion), each up to io_combine_limit blocks
         assert 0 < int(r["n_read"]) <= sc["blocks"], f"reads waited for: {detail}"
     assert wall_ms > 0.5 * server_ms, detail
-    assert abs(wall_ms - read_ms) <= 0.10 * read_ms, detail
     assert io_ms <= read_ms, detail
+    if sc["io_method"] in (None, "sync"):
+        assert abs(wall_ms - read_ms) <= 0.10 * read_ms, detail
+    else:
+        # 18's timer also covers the backend's own work on the asynchronous path (staging,
+        # handing the read to a worker, completing it): CPU time to pgtrace. 5-6 us a read
+        # on the 2026-12 VM, 21% of blk_read_time there; so the read lies between the
+        # waits and the waits plus the request's CPU time
+        cpu_ms = int(r["cpu"]) / MS
+        assert wall_ms <= read_ms <= wall_ms + cpu_ms, detail
 
 
 # === the backend writing dirty buffers itself: io_write ===========================================
