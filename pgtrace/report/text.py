@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, TextIO
 
 import pandas as pd
@@ -37,8 +38,25 @@ def runqueue_line(df: pd.DataFrame) -> str:
     return "runqueue by context it interrupted: " + ", ".join(shown)
 
 
-def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> None:
-    """The end-of-run report."""
+def window_line(header: dict[str, Any]) -> str:
+    """From when to when requests were counted, and each postmaster restart followed."""
+    start = header.get("tracing_started_wall")
+    if start is None:
+        return ""
+    clock = time.strftime("%H:%M:%S", time.localtime(start))
+    line = (f"requests counted from {clock}, when every probe was attached "
+            f"({header.get('attach_s', 0.0):.1f} s after the command started)")
+    restarts = len(header.get("postmasters") or []) - 1
+    if restarts > 0:
+        line += f"; {restarts} postmaster restart(s) followed"
+    if header.get("ended"):
+        line += f"; {header['ended']}"
+    return line
+
+
+def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO,
+                header: dict[str, Any] | None = None) -> None:
+    """The end-of-run report (with the capture header: also the traced window)."""
     con = Console(file=stream, width=99, force_terminal=False, color_system=None)
     dur = summary.get("duration_s") or 0.0
     rate = summary["requests"] / dur if dur else 0.0
@@ -51,6 +69,9 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> No
     con.print(
         f"lost records: {summary['lost']}   unmatched waits: {summary['unmatched']}"
     )
+    window = window_line(header or {})
+    if window:
+        con.print(window)
     table = Table(title="Where the server time went", title_justify="left")
     for col in ("bucket", "total", "share", "mean/req", "p50", "p99"):
         table.add_column(col, justify="left" if col == "bucket" else "right")
