@@ -65,6 +65,11 @@ class RunResult:
     ended: str | None = None        # why tracing ended early (the postmaster exited)
     conversion_s: float = 0.0       # turning the last records into the report, after the window
 
+    def since_window_end(self) -> float:
+        """Seconds since the probes were detached (the window's end)."""
+        end = (self.header.get("window_ns") or [0, 0])[1]
+        return (time.monotonic_ns() - end) / 1e9 if end else 0.0
+
 
 def resolve_targets(pids: list[int]) -> tuple[Target, list[int], bool]:
     """The cluster, the pids to seed, and whether to follow the postmaster's forks."""

@@ -158,10 +158,12 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
         click.echo(line, err=True)
 
     result = run_attach(opts, on_interval=printer, on_ready=ready, on_status=status)
-    click.echo(f"stopped after {result.summary['duration_s']:.1f} s; converting the records "
-               f"took {result.conversion_s:.2f} s", err=True)
     _write_outputs(result.frame, result.summary, result.header, output, summary_json)
     render_text(result.frame, result.summary, sys.stdout, result.header)
+    sys.stdout.flush()
+    click.echo(f"traced {result.summary['duration_s']:.1f} s; after it, converting the records "
+               f"took {result.conversion_s:.2f} s and the whole report "
+               f"{result.since_window_end():.2f} s", err=True)
     if result.ended:
         raise ServerError(result.ended)
 

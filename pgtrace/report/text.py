@@ -38,20 +38,20 @@ def runqueue_line(df: pd.DataFrame) -> str:
     return "runqueue by context it interrupted: " + ", ".join(shown)
 
 
-def window_line(header: dict[str, Any]) -> str:
-    """From when to when requests were counted, and each postmaster restart followed."""
+def window_lines(header: dict[str, Any]) -> list[str]:
+    """From when requests were counted, each postmaster restart followed, an early end."""
     start = header.get("tracing_started_wall")
     if start is None:
-        return ""
+        return []
     clock = time.strftime("%H:%M:%S", time.localtime(start))
-    line = (f"requests counted from {clock}, when every probe was attached "
-            f"({header.get('attach_s', 0.0):.1f} s after the command started)")
+    out = [f"requests counted from {clock}, once every probe was attached "
+           f"({header.get('attach_s', 0.0):.1f} s after the command started)"]
     restarts = len(header.get("postmasters") or []) - 1
     if restarts > 0:
-        line += f"; {restarts} postmaster restart(s) followed"
+        out.append(f"postmaster restarts followed: {restarts}")
     if header.get("ended"):
-        line += f"; {header['ended']}"
-    return line
+        out.append(f"ended early: {header['ended']}")
+    return out
 
 
 def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO,
@@ -69,9 +69,8 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO,
     con.print(
         f"lost records: {summary['lost']}   unmatched waits: {summary['unmatched']}"
     )
-    window = window_line(header or {})
-    if window:
-        con.print(window)
+    for line in window_lines(header or {}):
+        con.print(line, soft_wrap=True)
     table = Table(title="Where the server time went", title_justify="left")
     for col in ("bucket", "total", "share", "mean/req", "p50", "p99"):
         table.add_column(col, justify="left" if col == "bucket" else "right")
