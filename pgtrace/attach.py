@@ -441,26 +441,29 @@ def run_attach(
     header["duration_s"] = elapsed
     header["lost"] = counters.get("lost", 0)
     header["unmatched"] = counters.get("unmatched", 0)
-    header.update(lifecycle_header(run.segments, ended, conversion_s))
+    header.update(lifecycle_header([s.record() for s in run.segments], ended, conversion_s))
     client_runq = runq_frame(b"".join(run.client_runq))
     return RunResult(target=target, frame=df, summary=summ, header=header,
                      texts=run.fps.texts, client_runq=client_runq, ended=ended,
                      conversion_s=conversion_s)
 
 
-def lifecycle_header(segments: list[_Segment], ended: str | None,
+def lifecycle_header(segments: list[dict[str, Any]], ended: str | None,
                      conversion_s: float) -> dict[str, Any]:
-    """When tracing started and stopped, each postmaster followed, and why it ended early."""
+    """When tracing started and stopped, each postmaster followed, and why it ended early.
+
+    `segments`: one _Segment.record() per postmaster traced, in order.
+    """
     first, last = segments[0], segments[-1]
     out: dict[str, Any] = {
-        "tracing_started_wall": first.start_wall,
-        "attach_s": round(first.attach_s, 3),
-        "stopped_wall": last.end_wall,
-        "window_ns": [first.session.window_start_ns, last.session.window_end_ns],
-        "requests_before_window": sum(s.session.before_window for s in segments),
-        "requests_after_window": sum(s.session.after_window for s in segments),
+        "tracing_started_wall": first["start_wall"],
+        "attach_s": first["attach_s"],
+        "stopped_wall": last["end_wall"],
+        "window_ns": [first["start_ns"], last["end_ns"]],
+        "requests_before_window": sum(s["requests_before_window"] for s in segments),
+        "requests_after_window": sum(s["requests_after_window"] for s in segments),
         "conversion_s": round(conversion_s, 3),
-        "postmasters": [s.record() for s in segments],
+        "postmasters": segments,
     }
     if ended:
         out["ended"] = ended

@@ -160,10 +160,13 @@ def test_connections_opened_while_compiling_are_all_counted(
 
     before = [c for c in clients if c.opened_ns and c.opened_ns < start_ns]
     after = [c for c in clients if c.opened_ns >= start_ns]
+    rescanned = header["postmasters"][0]["rescanned_backends"]
     detail = (f"attached after {header['attach_s']} s; {len(before)} connections opened "
-              f"before, {len(after)} after; {len(df)} requests")
+              f"before, {len(after)} after; {rescanned} backends found by the re-scan; "
+              f"{len(df)} requests")
     print(detail)
-    assert len(before) >= 3 and len(after) >= 2, detail  # both ways a backend is found
+    # both ways a backend is found: listed once the programs run, or seen forking
+    assert rescanned >= 2 and len(after) >= 2, detail
     missed: dict[int, list[int]] = {}
     for c in clients:
         inside = [(s, r) for s, r in c.stamps if s >= start_ns and r <= end_ns]
@@ -175,6 +178,7 @@ def test_connections_opened_while_compiling_are_all_counted(
     # A backend traced from its fork counts every request. One listed at attach (seeded)
     # counts all but possibly its first: idle then, its state is unknown until its first
     # ReadyForQuery (issue 14, item 2: reading st_state at attach removes this exception).
+    print(f"seeded backends whose first request in the window was not counted: {len(missed)}")
     bad = {pid: m for pid, m in missed.items() if pid not in seeded or m != [0]}
     assert not bad, f"{detail}; requests not counted (index in window by backend): {bad}"
 
