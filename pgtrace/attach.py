@@ -343,6 +343,16 @@ def _postmaster_exited(seg: _Segment, timeout: float) -> bool:
     return bool(ready)
 
 
+def _ended_line(target: Target, followed: bool, stopped: bool) -> str:
+    """Why a run ended early: its postmaster exited (and no new one was traced)."""
+    why = ""
+    if followed:
+        why = " (stopped while waiting for a new one)" if stopped else \
+            " and no new one came up"
+    return (f"postmaster {target.postmaster_pid} of {target.data_dir} exited{why}: "
+            "tracing ended early (what was traced is reported)")
+
+
 def run_attach(
     opts: AttachOptions,
     on_interval: Callable[[pd.DataFrame, float], None] | None = None,
@@ -393,10 +403,7 @@ def run_attach(
                             deadline = min(deadline, t0 + opts.duration)
                         nxt = run.follow(seg, stopping, deadline)
                     if nxt is None:
-                        ended = (f"postmaster {seg.target.postmaster_pid} of "
-                                 f"{seg.target.data_dir} exited"
-                                 + (" and no new one came up" if follow else "")
-                                 + ": tracing ended early (what was traced is reported)")
+                        ended = _ended_line(seg.target, follow, stopping())
                         break
                     seg = nxt
                     continue
