@@ -23,7 +23,7 @@ from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, run
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
 from pgtrace.collect.waitevent import io_contexts, locate_wait_event_info
-from pgtrace.errors import TargetError, UsageError
+from pgtrace.errors import PgtraceError, TargetError, UsageError
 from pgtrace.sampler import Sampler
 from pgtrace.settings import server_settings
 from pgtrace.target import Target, find_target
@@ -239,7 +239,6 @@ class _Run:
         self.checkpoints: list[dict[str, int | None]] = []
         self.oncpu: list[str] = []
         self.offcpu: list[str] = []
-        self.converted_s = 0.0
 
     def open(self, target: Target, seed: list[int], follow: bool, since: float) -> _Segment:
         """Compile and attach for `target`; the window opens when everything is attached."""
@@ -279,12 +278,10 @@ class _Run:
         """The records read so far as a frame (costs ~0.6 us a record)."""
         raw = seg.session.drain()
         if raw:
-            t = time.monotonic()
             f = records_frame(raw, query_len=self.opts.query_len, tranches=seg.tranches,
                               fingerprints=self.fps, keep_text=self.opts.query_text)
             self.frames.append(f)
             self.interval_frames.append(f)
-            self.converted_s += time.monotonic() - t
 
     def close(self, seg: _Segment) -> None:
         """End the segment's window: detach, read the rest and the counters, free it all."""
@@ -324,7 +321,11 @@ class _Run:
                 except TargetError:
                     target = None
                 if target is not None and target.data_dir == data_dir:
-                    seg = self.open(target, [b.pid for b in target.backends], True, gone)
+                    try:
+                        seg = self.open(target, [b.pid for b in target.backends], True, gone)
+                    except PgtraceError as exc:  # e.g. it exited again meanwhile
+                        self.status(f"cannot trace the new postmaster {pm}: {exc.message}")
+                        return None
                     self.status(f"following the new postmaster {pm} of {data_dir}: attached "
                                 f"{seg.attach_s:.1f} s after postmaster {old_pm} exited")
                     return seg
@@ -336,9 +337,8 @@ class _Run:
 
 def _postmaster_exited(seg: _Segment, timeout: float) -> bool:
     """Wait up to `timeout` s for the segment's postmaster to exit; whether it did."""
-    if seg.pidfd is None:
-        time.sleep(timeout)
-        return False
+    if seg.pidfd is None:  # it had exited before it could be watched
+        return True
     ready, _, _ = select.select([seg.pidfd], [], [], timeout)
     return bool(ready)
 
