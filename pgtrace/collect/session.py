@@ -86,11 +86,11 @@ class TraceSession:
     _pending: int = 0
     _sites: dict[str, list[ProbeSite]] | None = None
     #: CLOCK_MONOTONIC ns when every probe was attached (0: not yet): records of requests
-    #: that started before are dropped, counters count from here.
+    #: that ended before are dropped, counters count from here.
     window_start_ns: int = 0
-    #: when the probes were detached (0: still attached)
+    #: when detaching began (0: still attached)
     window_end_ns: int = 0
-    #: records dropped because their request started before window_start_ns
+    #: records dropped because their request ended before window_start_ns
     before_window: int = 0
     #: ... or ended after window_end_ns (while the probes were being detached)
     after_window: int = 0
@@ -265,12 +265,12 @@ class TraceSession:
                 self._pending += len(chunk) // self._ring.record_size
 
     def _in_window(self, chunk: bytes) -> bytes:
-        """The records of requests inside the window: started once every probe was attached,
-        ended before detaching began."""
+        """The records of requests that ended inside the window: once every probe was
+        attached, and before detaching began (one in flight at its start counts whole)."""
         if not chunk or not self.window_start_ns:
             return chunk
         a = np.frombuffer(chunk, dtype=event_dtype(self.config.query_len))
-        early = a["t_start"] < self.window_start_ns
+        early = a["t_end"] < self.window_start_ns
         late = a["t_end"] > self.window_end_ns if self.window_end_ns else np.zeros(len(a), bool)
         if not early.any() and not late.any():
             return chunk
