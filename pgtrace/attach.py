@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import select
 import signal
 import threading
 import time
@@ -21,7 +23,7 @@ from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, run
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
 from pgtrace.collect.waitevent import io_contexts, locate_wait_event_info
-from pgtrace.errors import TargetError, UsageError
+from pgtrace.errors import PgtraceError, TargetError, UsageError
 from pgtrace.sampler import Sampler
 from pgtrace.settings import server_settings
 from pgtrace.target import Target, find_target
@@ -60,6 +62,13 @@ class RunResult:
     header: dict[str, Any]
     texts: dict[str, str] = field(default_factory=dict)
     client_runq: pd.DataFrame = field(default_factory=pd.DataFrame)
+    ended: str | None = None        # why tracing ended early (the postmaster exited)
+    conversion_s: float = 0.0       # turning the last records into the report, after the window
+
+    def since_window_end(self) -> float:
+        """Seconds since the probes were detached (the window's end)."""
+        end = (self.header.get("window_ns") or [0, 0])[1]
+        return (time.monotonic_ns() - end) / 1e9 if end else 0.0
 
 
 def resolve_targets(pids: list[int]) -> tuple[Target, list[int], bool]:
@@ -154,100 +163,318 @@ def engine_modes(config: ProgramConfig) -> dict[str, str]:
     }
 
 
+#: How long a traced postmaster that exited may take to be back (same data directory)
+#: before the run ends with an error.
+FOLLOW_TIMEOUT_S = 60.0
+
+
+def new_postmaster(data_dir: str, old_pid: int) -> int | None:
+    """The pid of a postmaster other than `old_pid` that is up in `data_dir`, or None.
+
+    postmaster.pid names it on its first line; its 8th line says "ready" once it
+    accepts connections (PostgreSQL 10+).
+    """
+    try:
+        with open(os.path.join(data_dir, "postmaster.pid")) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return None
+    if len(lines) < 8 or not lines[0].strip().isdigit() or lines[7].strip() != "ready":
+        return None
+    pid = int(lines[0].strip())
+    if pid == old_pid or not os.path.exists(f"/proc/{pid}"):
+        return None
+    return pid
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when `pid` exits (None: it is gone already)."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+@dataclass
+class _Segment:
+    """One postmaster's part of a run: its session and when its window opened and closed."""
+
+    target: Target
+    session: TraceSession
+    settings: dict[str, str]
+    tranches: TrancheNames
+    pidfd: int | None
+    attach_s: float
+    start_wall: float
+    end_wall: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        s = self.session
+        return {
+            "postmaster_pid": self.target.postmaster_pid,
+            "attach_s": round(self.attach_s, 3),
+            "start_wall": self.start_wall,
+            "end_wall": self.end_wall,
+            "start_ns": s.window_start_ns,
+            "end_ns": s.window_end_ns,
+            "seeded_pids": s.seeded,
+            "rescanned_backends": s.rescanned,
+            "requests_before_window": s.before_window,
+            "requests_after_window": s.after_window,
+        }
+
+
+class _Run:
+    """The state of one attach across its segments (more than one after a restart)."""
+
+    def __init__(self, opts: AttachOptions, status: Callable[[str], None]) -> None:
+        self.opts = opts
+        self.status = status
+        self.fps = Fingerprints()
+        self.frames: list[pd.DataFrame] = []
+        self.interval_frames: list[pd.DataFrame] = []
+        self.segments: list[_Segment] = []
+        self.counters: dict[str, int] = {}
+        self.client_runq: list[bytes] = []
+        self.checkpoints: list[dict[str, int | None]] = []
+        self.oncpu: list[str] = []
+        self.offcpu: list[str] = []
+
+    def open(self, target: Target, seed: list[int], follow: bool, since: float) -> _Segment:
+        """Compile and attach for `target`; the window opens when everything is attached."""
+        settings = server_settings(target.binary, target.postmaster_pid, target.data_dir)
+        session = TraceSession(
+            binary=target.binary,
+            postmaster_pid=target.postmaster_pid,
+            pids=seed,
+            follow_forks=follow,
+            config=ProgramConfig.for_sync_method(
+                settings.get("wal_sync_method"),
+                query_len=self.opts.query_len,
+                stacks=self.opts.stacks,
+                **_activity_constants(target, settings),
+                **_engine_constants(target, settings, self.opts),
+            ),
+            sample_hz=self.opts.stack_hz,
+        )
+        session.prepare()  # what can fail before compiling fails here, alone
+        pidfd = _pidfd(target.postmaster_pid)
+        if not self.segments:
+            self.status("compiling the BPF programs...")
+        try:
+            session.start()
+        except BaseException:
+            if pidfd is not None:
+                os.close(pidfd)
+            raise
+        tranches = TrancheNames(
+            lambda: [target.postmaster_pid, *session.tracked_pids()], major=target.major)
+        seg = _Segment(target=target, session=session, settings=settings, tranches=tranches,
+                       pidfd=pidfd, attach_s=time.monotonic() - since, start_wall=time.time())
+        self.segments.append(seg)
+        return seg
+
+    def convert(self, seg: _Segment) -> None:
+        """The records read so far as a frame (costs ~0.6 us a record)."""
+        raw = seg.session.drain()
+        if raw:
+            f = records_frame(raw, query_len=self.opts.query_len, tranches=seg.tranches,
+                              fingerprints=self.fps, keep_text=self.opts.query_text)
+            self.frames.append(f)
+            self.interval_frames.append(f)
+
+    def close(self, seg: _Segment) -> None:
+        """End the segment's window: detach, read the rest and the counters, free it all."""
+        s = seg.session
+        try:
+            s.stop()
+            if seg.end_wall is None:
+                seg.end_wall = time.time()
+            for k, v in s.counters().items():
+                self.counters[k] = self.counters.get(k, 0) + v
+            self.client_runq.append(s.client_runq())
+            self.checkpoints += s.checkpoints()
+            on, off = s.folded_stacks()
+            self.oncpu += on
+            self.offcpu += off
+        finally:
+            s.close()
+            if seg.pidfd is not None:
+                os.close(seg.pidfd)
+                seg.pidfd = None
+
+    def follow(self, old: _Segment, stop: Callable[[], bool], deadline: float) -> _Segment | None:
+        """After the postmaster's exit: trace the next postmaster of the same data directory.
+
+        None when none is up before `deadline` (or `stop()`): the run ends.
+        """
+        old_pm, data_dir = old.target.postmaster_pid, old.target.data_dir
+        gone = time.monotonic()
+        self.status(f"postmaster {old_pm} of {data_dir} exited: waiting up to "
+                    f"{max(0.0, deadline - gone):.0f} s for a new postmaster there")
+        woke = threading.Event()
+        while not stop():
+            pm = new_postmaster(data_dir, old_pm)
+            if pm is not None:
+                try:
+                    target = find_target(pm)
+                except TargetError:
+                    target = None
+                if target is not None and target.data_dir == data_dir:
+                    try:
+                        seg = self.open(target, [b.pid for b in target.backends], True, gone)
+                    except PgtraceError as exc:  # e.g. it exited again meanwhile
+                        self.status(f"cannot trace the new postmaster {pm}: {exc.message}")
+                        return None
+                    self.status(f"following the new postmaster {pm} of {data_dir}: attached "
+                                f"{seg.attach_s:.1f} s after postmaster {old_pm} exited")
+                    return seg
+            if time.monotonic() >= deadline:
+                return None
+            woke.wait(0.1)
+        return None
+
+
+def _postmaster_exited(seg: _Segment, timeout: float) -> bool:
+    """Wait up to `timeout` s for the segment's postmaster to exit; whether it did."""
+    if seg.pidfd is None:  # it had exited before it could be watched
+        return True
+    ready, _, _ = select.select([seg.pidfd], [], [], timeout)
+    return bool(ready)
+
+
+def _ended_line(target: Target, followed: bool, stopped: bool) -> str:
+    """Why a run ended early: its postmaster exited (and no new one was traced)."""
+    why = ""
+    if followed:
+        why = " (stopped while waiting for a new one)" if stopped else \
+            " and no new one came up"
+    return (f"postmaster {target.postmaster_pid} of {target.data_dir} exited{why}: "
+            "tracing ended early (what was traced is reported)")
+
+
 def run_attach(
     opts: AttachOptions,
     on_interval: Callable[[pd.DataFrame, float], None] | None = None,
     on_ready: Callable[[TraceSession], None] | None = None,
     stop_when: Callable[[], bool] | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Trace until duration, count intervals, or a signal; detach always."""
+    """Trace until duration, count intervals, or a signal; detach always.
+
+    The --duration window opens once every program is attached (compiling takes
+    seconds) and closes with their detaching, before the records are converted.
+    `on_status` gets one line at each step of the session's life (compiling,
+    attached, the postmaster's exit and the new one followed).
+    """
+    started, started_wall = time.monotonic(), time.time()
+    status = on_status or (lambda _line: None)
     check_root()
     target, seed, follow = resolve_targets(opts.pids)
-    settings = server_settings(target.binary, target.postmaster_pid, target.data_dir)
-    session = TraceSession(
-        binary=target.binary,
-        postmaster_pid=target.postmaster_pid,
-        pids=seed,
-        follow_forks=follow,
-        config=ProgramConfig.for_sync_method(
-            settings.get("wal_sync_method"),
-            query_len=opts.query_len,
-            stacks=opts.stacks,
-            **_activity_constants(target, settings),
-            **_engine_constants(target, settings, opts),
-        ),
-        sample_hz=opts.stack_hz,
-    )
-    fps = Fingerprints()
-    tranches = TrancheNames(lambda: [target.postmaster_pid, *session.tracked_pids()],
-                            major=target.major)
-    frames: list[pd.DataFrame] = []
-    interval_frames: list[pd.DataFrame] = []
+    run = _Run(opts, status)
     stop = _Stop()
-    wall0 = time.time()
+    ended: str | None = None
 
-    def convert() -> None:
-        raw = session.drain()
-        if raw:
-            f = records_frame(raw, query_len=opts.query_len, tranches=tranches,
-                              fingerprints=fps, keep_text=opts.query_text)
-            frames.append(f)
-            interval_frames.append(f)
+    def stopping() -> bool:
+        return stop.stopped or (stop_when is not None and stop_when())
 
     sampler = Sampler(opts.dsn, opts.sample_interval)
     with _signals(stop):
-        session.start()
+        seg = run.open(target, seed, follow, started)
+        status(f"attached after {seg.attach_s:.1f} s")
         try:
             sampler.start()
-            t0 = time.monotonic()
+            t0 = seg.session.window_start_ns / 1e9
             next_tick = t0 + opts.interval if opts.interval else None
             ticks = 0
             if on_ready is not None:
-                on_ready(session)
-            while not stop.stopped and not (stop_when is not None and stop_when()):
+                on_ready(seg.session)
+            while not stopping():
                 now = time.monotonic()
                 if opts.duration is not None and now - t0 >= opts.duration:
                     break
-                session.poll(100)
-                if session.pending >= SPOOL_RECORDS:
-                    convert()
+                if _postmaster_exited(seg, 0.1):
+                    run.close(seg)
+                    run.convert(seg)
+                    nxt = None
+                    if follow:
+                        deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+                        if opts.duration is not None:
+                            deadline = min(deadline, t0 + opts.duration)
+                        nxt = run.follow(seg, stopping, deadline)
+                    if nxt is None:
+                        ended = _ended_line(seg.target, follow, stopping())
+                        break
+                    seg = nxt
+                    continue
+                seg.session.poll(0)
+                if seg.session.pending >= SPOOL_RECORDS:
+                    run.convert(seg)
                 if next_tick is not None and time.monotonic() >= next_tick:
-                    convert()
+                    run.convert(seg)
                     if on_interval is not None:
-                        on_interval(concat(interval_frames), opts.interval or 0.0)
-                    interval_frames.clear()
+                        on_interval(concat(run.interval_frames), opts.interval or 0.0)
+                    run.interval_frames.clear()
                     ticks += 1
                     next_tick += opts.interval or 0.0
                     if opts.count is not None and ticks >= opts.count:
                         break
-            elapsed = time.monotonic() - t0
-            session.poll(0)
-            convert()
-            counters = session.counters()
-            client_runq = runq_frame(session.client_runq())
-            checkpoints = session.checkpoints()
-            oncpu, offcpu = session.folded_stacks()
         finally:
-            sampler.stop()
-            session.close()
-    df = concat(frames)
+            try:  # the window ends here: detach first, the sampler can take its time
+                for s in run.segments:
+                    if s.pidfd is not None or s.session.window_end_ns == 0:
+                        run.close(s)
+            finally:
+                sampler.stop()
+    stopped = seg.session.window_end_ns or time.monotonic_ns()
+    elapsed = (stopped - run.segments[0].session.window_start_ns) / 1e9
+    t = time.monotonic()
+    run.convert(seg)
+    df = concat(run.frames)
+    counters = run.counters
     summ = summary(df, lost=counters.get("lost", 0), unmatched=counters.get("unmatched", 0),
                    duration_s=elapsed)
-    header = _header(target, opts, wall0, counters, fps.texts)
-    header["settings"] = settings
-    header["engine"] = engine_modes(session.config)
+    conversion_s = time.monotonic() - t
+    first = run.segments[0]
+    header = _header(target, opts, started_wall, counters, run.fps.texts)
+    header["settings"] = first.settings
+    header["engine"] = engine_modes(first.session.config)
     header["timeline"] = sampler.samples
-    header["checkpoints"] = checkpoints
+    header["checkpoints"] = run.checkpoints
     if opts.stacks:
-        header["stacks"] = {"oncpu": oncpu, "offcpu": offcpu, "hz": opts.stack_hz}
+        header["stacks"] = {"oncpu": run.oncpu, "offcpu": run.offcpu, "hz": opts.stack_hz}
     if sampler.error:
         header["timeline_error"] = sampler.error
     header["duration_s"] = elapsed
     header["lost"] = counters.get("lost", 0)
     header["unmatched"] = counters.get("unmatched", 0)
-    return RunResult(target=target, frame=df, summary=summ, header=header, texts=fps.texts,
-                     client_runq=client_runq)
+    header.update(lifecycle_header([s.record() for s in run.segments], ended, conversion_s))
+    client_runq = runq_frame(b"".join(run.client_runq))
+    return RunResult(target=target, frame=df, summary=summ, header=header,
+                     texts=run.fps.texts, client_runq=client_runq, ended=ended,
+                     conversion_s=conversion_s)
 
+
+def lifecycle_header(segments: list[dict[str, Any]], ended: str | None,
+                     conversion_s: float) -> dict[str, Any]:
+    """When tracing started and stopped, each postmaster followed, and why it ended early.
+
+    `segments`: one _Segment.record() per postmaster traced, in order.
+    """
+    first, last = segments[0], segments[-1]
+    out: dict[str, Any] = {
+        "tracing_started_wall": first["start_wall"],
+        "attach_s": first["attach_s"],
+        "stopped_wall": last["end_wall"],
+        "window_ns": [first["start_ns"], last["end_ns"]],
+        "requests_before_window": sum(s["requests_before_window"] for s in segments),
+        "requests_after_window": sum(s["requests_after_window"] for s in segments),
+        "conversion_s": round(conversion_s, 3),
+        "postmasters": segments,
+    }
+    if ended:
+        out["ended"] = ended
+    return out
 
 
 T = TypeVar("T")

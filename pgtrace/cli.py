@@ -151,13 +151,21 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
     printer = interval_printer(sys.stdout) if interval else None
 
     def ready(_session: Any) -> None:
-        # only once every probe is attached: before that, an error is the one line printed
         if interval is None:
             click.echo("Tracing... hit Ctrl-C to end.", err=True)
 
-    result = run_attach(opts, on_interval=printer, on_ready=ready)
+    def status(line: str) -> None:  # compiling, attached, postmaster restarts
+        click.echo(line, err=True)
+
+    result = run_attach(opts, on_interval=printer, on_ready=ready, on_status=status)
     _write_outputs(result.frame, result.summary, result.header, output, summary_json)
-    render_text(result.frame, result.summary, sys.stdout)
+    render_text(result.frame, result.summary, sys.stdout, result.header)
+    sys.stdout.flush()
+    click.echo(f"traced {result.summary['duration_s']:.1f} s; after it, converting the records "
+               f"took {result.conversion_s:.2f} s and the whole report "
+               f"{result.since_window_end():.2f} s", err=True)
+    if result.ended:
+        raise ServerError(result.ended)
 
 
 def _write_outputs(frame: Any, summary: dict[str, Any], header: dict[str, Any],

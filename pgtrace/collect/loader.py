@@ -214,11 +214,23 @@ class Attachment:
     perf_fds: list[int] = field(default_factory=list)
     sites: list[ProbeSite] = field(default_factory=list)
 
-    def detach(self) -> None:
-        """Close every uprobe and tracepoint; safe to call twice."""
+    def stop(self) -> None:
+        """Detach every probe and tracepoint but keep the maps readable; safe to call twice.
+
+        From here on no program runs: nothing more is recorded and the server pays nothing.
+        """
+        if self.bpf is not None:  # the tracepoints first: they end requests, and cost most
+            for tp in list(self.bpf.raw_tracepoint_fds):
+                self.bpf.detach_raw_tracepoint(tp)
+            for ev_type, ev_config in list(self.bpf.open_perf_events):
+                self.bpf.detach_perf_event(ev_type, ev_config)
         lib = _libbcc()
         while self.perf_fds:
             lib.bpf_close_perf_event_fd(self.perf_fds.pop())
+
+    def detach(self) -> None:
+        """Close every uprobe and tracepoint, then the maps; safe to call twice."""
+        self.stop()
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -291,20 +303,53 @@ def arg_spec(site: ProbeSite, argno: int) -> ArgSpecC | None:
     return spec
 
 
-def compile_program(config: ProgramConfig) -> Any:
-    """Compile and load the programs; tracepoints attach as bcc loads them."""
+def preflight() -> Any:
+    """bcc's module, once root, kernel headers and tracefs are there (else one clear error)."""
     bcc = import_bcc()
     check_root()
     check_headers()
     check_tracefs()
+    return bcc
+
+
+def compile_program(config: ProgramConfig) -> Any:
+    """Compile and load the programs; tracepoints attach as bcc loads them."""
+    bcc = preflight()
     try:
         return bcc.BPF(text=program_text(), cflags=config.cflags())
     except Exception as exc:
         raise EnvironmentError_(f"bcc could not load pgtrace's BPF programs: {exc}") from exc
 
 
+def usdt_sites(binary: str) -> dict[str, list[ProbeSite]]:
+    """The binary's USDT sites by probe name; NoProbesError if a required probe is absent."""
+    by_name = probes_by_name(read_probes(binary))
+    missing = [p for p in REQUIRED_USDT if p not in by_name]
+    if missing:
+        raise NoProbesError(f"{binary} lacks USDT probes {', '.join(missing)}")
+    return by_name
+
+
+def fill_usdt_args(bpf: Any, sites: dict[str, list[ProbeSite]], binary: str, pid: int,
+                   config: ProgramConfig) -> None:
+    """The argument specs of the probed sites, at their runtime addresses in `pid`'s mapping.
+
+    An unreadable spec stays out of the map: BPF counts it (badarg).
+    """
+    args = bpf["usdt_args"]
+    for probe, (_fn, argno) in USDT_PROBES.items():
+        if argno is None or config.skips(probe):
+            continue
+        for site in sites.get(probe, []):
+            spec = arg_spec(site, argno)
+            if spec is not None:
+                bias = text_bias(binary, pid, site.file_offset)
+                args[ArgKey(ip=bias + site.file_offset, argno=argno)] = spec
+
+
 def attach_all(
-    bpf: Any, binary: str, pid_for_maps: int, config: ProgramConfig | None = None
+    bpf: Any, binary: str, pid_for_maps: int, config: ProgramConfig | None = None,
+    sites: dict[str, list[ProbeSite]] | None = None,
 ) -> Attachment:
     """Attach the uprobes and USDT sites; on any failure detach what was attached."""
     bcc = import_bcc()
@@ -320,22 +365,13 @@ def attach_all(
                 continue
             fd = bpf.load_func(fn, bcc.BPF.KPROBE).fd
             attach_uprobe(att, fd, binary, symbol_offset(binary, sym), ret=ret)
-        by_name = probes_by_name(read_probes(binary))
-        missing = [p for p in REQUIRED_USDT if p not in by_name]
-        if missing:
-            raise NoProbesError(f"{binary} lacks USDT probes {', '.join(missing)}")
-        args = bpf["usdt_args"]
-        for probe, (fn, argno) in USDT_PROBES.items():
+        by_name = sites if sites is not None else usdt_sites(binary)
+        fill_usdt_args(bpf, by_name, binary, pid_for_maps, config)
+        for probe, (fn, _argno) in USDT_PROBES.items():
             if config.skips(probe):
                 continue
             fd = bpf.load_func(fn, bcc.BPF.KPROBE).fd
             for site in by_name.get(probe, []):
-                if argno is not None:
-                    # an unreadable spec stays out of the map: BPF counts it (badarg)
-                    spec = arg_spec(site, argno)
-                    if spec is not None:
-                        bias = text_bias(binary, pid_for_maps, site.file_offset)
-                        args[ArgKey(ip=bias + site.file_offset, argno=argno)] = spec
                 attach_uprobe(att, fd, binary, site.file_offset, ref_ctr=site.semaphore_offset)
                 att.sites.append(site)
     except BaseException:

@@ -52,7 +52,7 @@ def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | Non
         _p, df, header = loaded[0]
         if "latency_ns" in df.columns and "run" in header:
             render_e2e(df, header["run"], stream)
-        render_text(df, capture_summary(df, header), stream)
+        render_text(df, capture_summary(df, header), stream, header)
         return
     render_compare({p: df for p, df, _h in loaded}, stream)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, TextIO
 
 import pandas as pd
@@ -37,8 +38,25 @@ def runqueue_line(df: pd.DataFrame) -> str:
     return "runqueue by context it interrupted: " + ", ".join(shown)
 
 
-def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> None:
-    """The end-of-run report."""
+def window_lines(header: dict[str, Any]) -> list[str]:
+    """From when requests were counted, each postmaster restart followed, an early end."""
+    start = header.get("tracing_started_wall")
+    if start is None:
+        return []
+    clock = time.strftime("%H:%M:%S", time.localtime(start))
+    out = [f"requests counted from {clock}, once every probe was attached "
+           f"({header.get('attach_s', 0.0):.1f} s after the command started)"]
+    restarts = len(header.get("postmasters") or []) - 1
+    if restarts > 0:
+        out.append(f"postmaster restarts followed: {restarts}")
+    if header.get("ended"):
+        out.append(f"ended early: {header['ended']}")
+    return out
+
+
+def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO,
+                header: dict[str, Any] | None = None) -> None:
+    """The end-of-run report (with the capture header: also the traced window)."""
     con = Console(file=stream, width=99, force_terminal=False, color_system=None)
     dur = summary.get("duration_s") or 0.0
     rate = summary["requests"] / dur if dur else 0.0
@@ -51,6 +69,8 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> No
     con.print(
         f"lost records: {summary['lost']}   unmatched waits: {summary['unmatched']}"
     )
+    for line in window_lines(header or {}):
+        con.print(line, soft_wrap=True)
     table = Table(title="Where the server time went", title_justify="left")
     for col in ("bucket", "total", "share", "mean/req", "p50", "p99"):
         table.add_column(col, justify="left" if col == "bucket" else "right")
