@@ -276,7 +276,7 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
     request arrived), the server buckets, response_transit and client_wakeup
     (the driver waiting for a CPU after the answer arrived), unexplained.
     """
-    from pgtrace.report.text import render_e2e, render_text
+    from pgtrace.report.offline import text_report
     from pgtrace.run import RunOptions, run_profile
 
     if duration is None and count is None:
@@ -289,8 +289,7 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
     header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
     _write_outputs(out.frame, out.summary, header, output, summary_json)
     click.echo(f"({out.cluster_note})")
-    render_e2e(out.frame, out.summary, sys.stdout)
-    render_text(out.trace.frame, out.trace.summary, sys.stdout)
+    text_report(out.frame, header, sys.stdout)  # as `pgtrace report` prints the capture
     if out.driver_exit:
         raise ServerError(
             f"the driver stopped with exit {out.driver_exit} (see its message above); "

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pgtrace.aggregate import stats
+from pgtrace.aggregate import capture_summary, stats
 from pgtrace.model import E2E_BUCKETS, UNEXPLAINED
 
 
@@ -129,3 +129,23 @@ def e2e_summary(df: pd.DataFrame) -> dict[str, Any]:
         "p99_shares": tail_shares(df),
     }
 
+
+#: What a run's summary takes from the driver and the engine's counters (kept in the
+#: capture's header["run"]); everything else is computed from the joined rows.
+RUN_KEYS: tuple[str, ...] = ("requests", "errors", "duration_s", "tps", "client_ns",
+                             "server_requests", "unmatched_waits", "unmatched", "driver_exit")
+
+
+def run_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a `pgtrace run` capture, from its rows and header alone.
+
+    `pgtrace run --summary-json` and `pgtrace report --format json` both call this,
+    so one capture gives one set of numbers: the server buckets are those of the
+    joined requests (the rows), not of every request traced (the sampler's queries,
+    the connections' set-up); `server_requests` counts those.
+    """
+    run = header.get("run") or {}
+    out = {k: run[k] for k in RUN_KEYS if k in run}
+    out.update({k: v for k, v in capture_summary(df, header).items() if k not in out})
+    out.update(e2e_summary(df))
+    return out

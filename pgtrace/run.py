@@ -16,7 +16,7 @@ from pgtrace.cluster import start_cluster
 from pgtrace.collect.session import TraceSession
 from pgtrace.driver.summary import load_summary
 from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
-from pgtrace.e2e import e2e_frame, e2e_summary, join_requests
+from pgtrace.e2e import e2e_frame, join_requests, run_summary
 from pgtrace.errors import ServerError
 from pgtrace.target import find_target
 
@@ -99,13 +99,12 @@ def run_profile(opts: RunOptions) -> RunOutcome:
     # failed requests have no place in the split (the summary counts them as errors)
     joined, unmatched = join_requests(client[client["ok"]], trace.frame)
     frame = e2e_frame(joined, trace.client_runq)
-    summary: dict[str, Any] = load_summary(client, duration)
-    engine = dict(trace.summary)
-    engine["unmatched_waits"] = engine.pop("unmatched")
-    engine["server_requests"] = engine.pop("requests")
-    summary.update({k: v for k, v in engine.items() if k not in summary})
-    summary["unmatched"] = unmatched
-    summary.update(e2e_summary(frame))
-    summary["driver_exit"] = code
+    # the driver's figures and the engine's counters; the rest is computed from the
+    # joined rows, as `pgtrace report` computes it from the capture
+    run: dict[str, Any] = load_summary(client, duration)
+    run.update(server_requests=trace.summary["requests"],
+               unmatched_waits=trace.summary["unmatched"], unmatched=unmatched,
+               driver_exit=code)
+    summary = run_summary(frame, dict(trace.header, run=run))
     return RunOutcome(frame=frame, trace=trace, summary=summary, cluster_note=note,
                       driver_exit=code)

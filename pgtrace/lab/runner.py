@@ -160,10 +160,10 @@ def tps_trend(t_recv: list[int]) -> float | None:
 
 
 def _row(v: Variant, runners: int, out: RunOutcome) -> Row:
-    s, trace = out.summary, out.trace.summary
-    buckets = {b: int(trace["buckets_ns"][b]) for b in REPORT_BUCKETS}
-    buckets.update({f"lwlock:{k}": int(n) for k, n in trace["lwlock_ns"].items()})
-    buckets.update({f"lock:{k}": int(n) for k, n in trace["lock_ns"].items()})
+    s = out.summary  # the server buckets of the driver's requests, as in the capture
+    buckets = {b: int(s["buckets_ns"][b]) for b in REPORT_BUCKETS}
+    buckets.update({f"lwlock:{k}": int(n) for k, n in s["lwlock_ns"].items()})
+    buckets.update({f"lock:{k}": int(n) for k, n in s["lock_ns"].items()})
     row: Row = {"variant": v.name, "runners": runners, "requests": int(s["requests"]),
                 "tps": float(s["tps"])}
     row["rows_per_s"] = float(s["tps"]) * v.batch_rows

@@ -11,13 +11,20 @@ from rich.table import Table
 
 from pgtrace.aggregate import capture_summary, compare_table, per_fingerprint, per_second
 from pgtrace.capture import read_capture
+from pgtrace.e2e import run_summary
 from pgtrace.errors import UsageError
 from pgtrace.report.text import fmt_ns, render_e2e, render_text
 
 
+def _is_run(df: pd.DataFrame, header: dict[str, Any]) -> bool:
+    """A capture of `pgtrace run`: driver requests joined to their server records."""
+    return "latency_ns" in df.columns and "run" in header
+
+
 def json_report(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
-    """Summary shape plus per-fingerprint and per-second sections."""
-    out = capture_summary(df, header)
+    """Summary shape (a run's, for a run capture) plus per-fingerprint and per-second
+    sections."""
+    out = run_summary(df, header) if _is_run(df, header) else capture_summary(df, header)
     texts = header.get("query_texts") or {}
     fps = per_fingerprint(df)
     for row in fps:
@@ -50,11 +57,16 @@ def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | Non
         return
     if len(loaded) == 1:
         _p, df, header = loaded[0]
-        if "latency_ns" in df.columns and "run" in header:
-            render_e2e(df, header["run"], stream)
-        render_text(df, capture_summary(df, header), stream, header)
+        text_report(df, header, stream)
         return
     render_compare({p: df for p, df, _h in loaded}, stream)
+
+
+def text_report(df: pd.DataFrame, header: dict[str, Any], stream: TextIO) -> None:
+    """One capture as text, as `pgtrace run` prints it live: end to end (a run), server."""
+    if _is_run(df, header):
+        render_e2e(df, run_summary(df, header), stream)
+    render_text(df, capture_summary(df, header), stream, header)
 
 
 def render_compare(frames: dict[str, pd.DataFrame], stream: TextIO) -> None:

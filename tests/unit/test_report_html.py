@@ -23,6 +23,7 @@ from pgtrace.report.html import (
     capture_summary,
     percentiles,
     render_html,
+    stacked_means_figure,
     timeline_figure,
 )
 from pgtrace.report.text import fmt_ns
@@ -386,12 +387,15 @@ def test_several_captures_side_by_side() -> None:
     assert "Side by side, bucket by bucket" in page
     assert "#1 bigint.pgtrace mean/req" in page and "#2 uuidv4.pgtrace share" in page
     assert page.count("window.PlotlyConfig") == 1
-    # the bucket bars: one bar per capture in every bucket trace
+    # the bucket bars: one horizontal bar per capture in every bucket trace, on one axis
     pg = build_page([cap(a), cap(b)])
     _slug, bars = pg.figures[0]
     assert [t.name for t in bars.data] == list(REPORT_BUCKETS)
-    assert all(len(t.x) == 2 for t in bars.data)
-    assert list(bars.data[0].x) == ["/data/bigint.pgtrace", "/data/uuidv4.pgtrace"]
+    assert all(t.orientation == "h" and len(t.x) == len(t.y) == 2 for t in bars.data)
+    assert list(bars.data[0].y) == ["/data/bigint.pgtrace", "/data/uuidv4.pgtrace"]
+    ns = [[int(t.customdata[i][0]) for t in bars.data] for i in (0, 1)]
+    lengths = [sum(t.x[i] for t in bars.data) for i in (0, 1)]
+    assert lengths[0] / lengths[1] == pytest.approx(sum(ns[0]) / sum(ns[1]), rel=1e-6)
 
 
 def test_stacked_bars_sum_to_the_mean_server_time(
@@ -403,6 +407,20 @@ def test_stacked_bars_sum_to_the_mean_server_time(
     exact = [int(t.customdata[0][0]) for t in bars.data]
     assert exact == [int(r["mean_ns"]) for r in bucket_table(df).to_dict("records")]
     assert abs(sum(exact) - df["server_ns"].mean()) <= len(REPORT_BUCKETS)
+
+
+@pytest.mark.parametrize("e2e", [False, True])
+def test_every_bucket_over_1_percent_is_labelled_once(e2e: bool) -> None:
+    """Inside its segment when the label fits, else beside the bar with a leader line."""
+    item = ("/tmp/run.pgtrace", synthetic_frame(run=True), synthetic_header(run=True))
+    bars = stacked_means_figure([cap(item)], e2e=e2e)
+    inside = {t.name for t in bars.data if t.text[0]}
+    beside = [str(a.text).split(" ")[0] for a in bars.layout.annotations if a.showarrow]
+    assert len(beside) == len(set(beside)) and not inside & set(beside)
+    shares = {t.name: float(t.customdata[0][2]) for t in bars.data}
+    assert {b for b, pct in shares.items() if pct >= 1.0} <= inside | set(beside), shares
+    assert {b for b, pct in shares.items() if pct < 1.0}.isdisjoint(inside | set(beside))
+    assert inside and beside  # the synthetic capture has both kinds
 
 
 def test_empty_capture() -> None:
