@@ -18,6 +18,14 @@ from pgtrace.elf.usdt import load_segments, open_elf
 ACTIVITY_RAW_OFFSET: dict[int, int] = {13: 248, 14: 248, 15: 248, 16: 248, 17: 248, 18: 248}
 #: offsetof(PgBackendStatus, st_procpid).
 PROCPID_OFFSET = 4
+#: BackendState's STATE_RUNNING by major version: 18 inserted STATE_STARTING before
+#: STATE_IDLE. The other states sit at fixed distances from it (request.bpf.c).
+STATE_RUNNING: dict[int, int] = {18: 3}
+
+
+def state_running(major: int) -> int:
+    """The value of STATE_RUNNING in `major`'s BackendState (2 before 18)."""
+    return STATE_RUNNING.get(major, 2 if major < 18 else 3)
 
 
 def load_bias(binary: str, pid: int) -> int:

@@ -27,6 +27,8 @@ from pgtrace.collect.stacks import folded
 from pgtrace.model import COUNTERS
 
 MODE_ONCPU, MODE_BLOCKED = 0, 2
+#: REQ_IDLE and SEED_PENDING (pgtrace.h): an existing backend's state is read at its next event
+REQ_IDLE, SEED_PENDING = 1, 1
 _WAL_NAME = re.compile(r"/pg_wal/[0-9A-F]{24}$")
 
 
@@ -104,6 +106,8 @@ class TraceSession:
             leaf = self._leaf()
             leaf.wal_fd = wal_fd_of(pid)
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
+            leaf.req, leaf.seed = REQ_IDLE, SEED_PENDING
+            leaf.acc.t_start = leaf.last_ts = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             self._track(pid, leaf)
 
     def add_client_pids(self, pids: Iterable[int]) -> None:
@@ -118,6 +122,7 @@ class TraceSession:
         assert self._att is not None
         leaf = self._att.bpf["states"].Leaf()
         leaf.wal_fd = leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
+        leaf.client_fd = leaf.recv_fd = -1
         return leaf
 
     def _track(self, pid: int, leaf: Any, replace: bool = False) -> None:

@@ -37,6 +37,24 @@ def runqueue_line(df: pd.DataFrame) -> str:
     return "runqueue by context it interrupted: " + ", ".join(shown)
 
 
+def incomplete_lines(summary: dict[str, Any]) -> list[str]:
+    """Aborted and partial requests: counts, time, and the aborted ones."""
+    inc = summary.get("incomplete")
+    if not isinstance(inc, dict):
+        return []
+    ab, pa = inc["aborted"], inc["partial"]
+    lines = [
+        f"aborted requests: {ab['requests']} ({fmt_ns(ab['server_ns'])} so far)   "
+        f"partial (begun before attach): {pa['requests']} ({fmt_ns(pa['server_ns'])} "
+        f"since attach)" + (f", {pa['unrecorded']} more not recorded" if pa["unrecorded"]
+                            else "")
+    ]
+    for r in ab["rows"]:
+        lines.append(f"  aborted: pid {r['pid']}, {fmt_ns(r['server_ns'])} so far, "
+                     f"{r['fingerprint'] or '(no text)'}")
+    return lines
+
+
 def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> None:
     """The end-of-run report."""
     con = Console(file=stream, width=99, force_terminal=False, color_system=None)
@@ -51,6 +69,8 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO) -> No
     con.print(
         f"lost records: {summary['lost']}   unmatched waits: {summary['unmatched']}"
     )
+    for line in incomplete_lines(summary):
+        con.print(line)
     table = Table(title="Where the server time went", title_justify="left")
     for col in ("bucket", "total", "share", "mean/req", "p50", "p99"):
         table.add_column(col, justify="left" if col == "bucket" else "right")

@@ -36,9 +36,9 @@ def test_large_answers_end_their_request_once(pg_cluster: ClusterLike) -> None:
         pid = int(row[0])
 
         def work(_session: object) -> int:
-            # a backend already connected is seen from its next ReadyForQuery on
+            # a backend already connected and idle counts its next request (issue 14)
             conn.execute("select 'first'")
-            n = 0
+            n = 1
             for _ in range(15):
                 big = conn.execute("select repeat('x', %s)", (BIG,)).fetchone()
                 assert big is not None and len(big[0]) == BIG
@@ -93,10 +93,10 @@ def test_tls_requests_end_at_ready_for_query(tls_cluster: TempCluster) -> None:
         conn.execute("create table tls_t (id int)")
 
         def work(_session: object) -> int:
-            conn.execute("select 'first'")  # from its next ReadyForQuery on
+            conn.execute("select 'first'")  # idle at attach: counted too
             for i in range(40):
                 conn.execute("insert into tls_t values (%s)", (i,))
-            return 40
+            return 41
 
         tr = traced(tls_cluster.postmaster_pid, work)
     assert tr.run.header["engine"]["request_end"] == "ReadyForQuery uprobe"
