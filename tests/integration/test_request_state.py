@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -27,6 +28,8 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from pgtrace.capture import read_capture, write_capture
+from pgtrace.report.offline import json_report
 from tests.conftest import ClusterLike
 from tests.integration.workload import ProtocolTrace, traced, wait_for
 
@@ -228,7 +231,7 @@ def test_clean_disconnects_are_not_aborted(pg_cluster: ClusterLike) -> None:
 
 
 def test_terminated_backend_mid_sleep_is_one_aborted_request(
-        pg_cluster: ClusterLike) -> None:
+        pg_cluster: ClusterLike, tmp_path: Path) -> None:
     victim = connect(pg_cluster)
     vpid = backend_pid(victim)
     marks: dict[str, int] = {}
@@ -276,3 +279,8 @@ def test_terminated_backend_mid_sleep_is_one_aborted_request(
     inc = tr.run.summary["incomplete"]["aborted"]
     assert inc["requests"] == 1 and inc["server_ns"] == int(r["server_ns"])
     assert inc["rows"][0]["pid"] == vpid
+    # the capture keeps the row flagged, and its JSON report says so
+    write_capture(tmp_path / "t.pgtrace", df, tr.run.header)
+    back, header = read_capture(tmp_path / "t.pgtrace")
+    assert back[back["aborted"].astype(bool)]["pid"].tolist() == [vpid]
+    assert json_report(back, header)["incomplete"]["aborted"]["requests"] == 1
