@@ -122,7 +122,7 @@ class TraceSession:
         assert self._att is not None
         leaf = self._att.bpf["states"].Leaf()
         leaf.wal_fd = leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
-        leaf.client_fd = leaf.recv_fd = -1
+        leaf.recv_fd = -1
         return leaf
 
     def _track(self, pid: int, leaf: Any, replace: bool = False) -> None:

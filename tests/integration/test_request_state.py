@@ -155,7 +155,7 @@ def test_libpq_pipeline_syncs_in_flight(pg_cluster: ClusterLike) -> None:
 
 def test_preconnected_idle_backends_count_their_first_request(
         pg_cluster: ClusterLike) -> None:
-    n = 8
+    n = 40  # as in issue 14
     conns = [connect(pg_cluster) for _ in range(n)]
     try:
         pids = [backend_pid(c) for c in conns]
