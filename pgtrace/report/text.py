@@ -43,15 +43,14 @@ def incomplete_lines(summary: dict[str, Any]) -> list[str]:
     if not isinstance(inc, dict):
         return []
     ab, pa = inc["aborted"], inc["partial"]
-    lines = [
-        f"aborted requests: {ab['requests']} ({fmt_ns(ab['server_ns'])} so far)   "
-        f"partial (begun before attach): {pa['requests']} ({fmt_ns(pa['server_ns'])} "
-        f"since attach)" + (f", {pa['unrecorded']} more not recorded" if pa["unrecorded"]
-                            else "")
-    ]
+    lines = [f"aborted requests: {ab['requests']} ({fmt_ns(ab['server_ns'])} so far)"]
     for r in ab["rows"]:
         lines.append(f"  aborted: pid {r['pid']}, {fmt_ns(r['server_ns'])} so far, "
                      f"{r['fingerprint'] or '(no text)'}")
+    lines.append(
+        f"partial requests (begun before attach): {pa['requests']} "
+        f"({fmt_ns(pa['server_ns'])} since attach)"
+        + (f", {pa['unrecorded']} more not recorded" if pa["unrecorded"] else ""))
     return lines
 
 

@@ -284,3 +284,25 @@ def test_terminated_backend_mid_sleep_is_one_aborted_request(
     back, header = read_capture(tmp_path / "t.pgtrace")
     assert back[back["aborted"].astype(bool)]["pid"].tolist() == [vpid]
     assert json_report(back, header)["incomplete"]["aborted"]["requests"] == 1
+
+
+def test_unreadable_state_at_attach_is_counted_partial(pg_cluster: ClusterLike) -> None:
+    """A backend whose status entry says nothing (track_activities off for its session:
+    STATE_DISABLED) cannot be placed at attach: its first answered request is counted
+    partial, not recorded, and the ones after it are recorded as usual."""
+    with connect(pg_cluster) as conn:
+        pid = backend_pid(conn)
+        conn.execute("set track_activities = off")
+        conn.execute("select 1")  # its status entry now says disabled
+
+        def work(_session: object) -> None:
+            for q in ("select 'a'", "select 'b'", "select 'c'"):
+                conn.execute(q)
+                time.sleep(THINK_S / 4)
+
+        tr = traced(pg_cluster.postmaster_pid, work)
+    mine = tr.run.frame[tr.run.frame["pid"] == pid]
+    assert len(mine) == 2, mine[["seq", "server_ns", "partial"]].to_string()
+    assert not mine["partial"].any()
+    assert tr.run.header["counters"]["partial"] == 1
+    assert tr.run.summary["incomplete"]["partial"]["unrecorded"] == 1

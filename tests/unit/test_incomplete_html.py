@@ -29,6 +29,6 @@ def test_headline_counts_aborted_and_partial_requests() -> None:
     out = io.StringIO()
     render_html([("/tmp/x.pgtrace", df, header)], out)
     page = out.getvalue()
-    assert (f"aborted requests: 1 ({fmt_ns(2e9)} so far)   partial (begun before attach): 1 "
-            f"({fmt_ns(500_000)} since attach)") in page
+    assert f"aborted requests: 1 ({fmt_ns(2e9)} so far)<br>" in page
+    assert f"partial requests (begun before attach): 1 ({fmt_ns(500_000)} since attach)" in page
     assert f"aborted: pid 7, {fmt_ns(2e9)} so far, f" in page
