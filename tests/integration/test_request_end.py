@@ -14,10 +14,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import pq
 
 from pgtrace.cluster import TempCluster, _server_owner, start_cluster
 from tests.conftest import ClusterLike
@@ -96,10 +98,28 @@ def test_tls_requests_end_at_ready_for_query(tls_cluster: TempCluster) -> None:
             conn.execute("select 'first'")  # idle at attach: counted too
             for i in range(40):
                 conn.execute("insert into tls_t values (%s)", (i,))
-            return 41
+            # a Flush read alone after the answer opens no request, encrypted too
+            pg = conn.pgconn
+            pg.enter_pipeline_mode()
+            pg.send_query_params(b"select 1", None)
+            pg.pipeline_sync()
+            while pg.flush():
+                pass
+            while (res := pg.get_result()) is None or res.status != pq.ExecStatus.PIPELINE_SYNC:
+                pass
+            pg.send_flush_request()
+            while pg.flush():
+                pass
+            time.sleep(0.5)  # the client pauses: never server time
+            pg.exit_pipeline_mode()
+            conn.execute("select 'last'")
+            return 43
 
         tr = traced(tls_cluster.postmaster_pid, work)
     assert tr.run.header["engine"]["request_end"] == "ReadyForQuery uprobe"
     df = tr.run.frame
     mine = df[df["pid"] == pid]
     assert len(mine) == tr.value, mine[["seq", "server_ns", "fingerprint"]].to_string()
+    assert tr.run.header["counters"]["unanswered"] == 1
+    # the request after the Flush starts after the pause, not at the Flush
+    assert (mine["server_ns"] < 500_000_000).all(), mine["server_ns"].max()
