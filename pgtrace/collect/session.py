@@ -25,6 +25,7 @@ from pgtrace.collect.loader import (
 from pgtrace.collect.ringbuf import RingReader
 from pgtrace.collect.stacks import folded
 from pgtrace.model import COUNTERS
+from pgtrace.target import CLIENT, backend_kind, title_of
 
 MODE_ONCPU, MODE_BLOCKED = 0, 2
 #: REQ_IDLE and SEED_PENDING (pgtrace.h): an existing backend's state is read at its next event
@@ -45,6 +46,15 @@ def wal_fd_of(pid: int) -> int:
         except OSError:
             continue
     return -1
+
+
+def _is_client(pid: int) -> bool:
+    """Whether pid is a client backend (a session), not an auxiliary process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return backend_kind(title_of(f.read())) == CLIENT
+    except OSError:
+        return False
 
 
 def _running(pid: int) -> bool:
@@ -106,8 +116,9 @@ class TraceSession:
             leaf = self._leaf()
             leaf.wal_fd = wal_fd_of(pid)
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
-            leaf.req, leaf.seed = REQ_IDLE, SEED_PENDING
-            leaf.acc.t_start = leaf.last_ts = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if _is_client(pid):  # a session: its state is read at its next event
+                leaf.req, leaf.seed = REQ_IDLE, SEED_PENDING
+                leaf.acc.t_start = leaf.last_ts = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             self._track(pid, leaf)
 
     def add_client_pids(self, pids: Iterable[int]) -> None:

@@ -11,7 +11,8 @@ that are not a request, falls outside every window.
   backend often reads it alone, after its ReadyForQuery. It opens no request.
 - libpq pipelines through psycopg's low-level API: several Syncs in flight, one request each.
 - backends connected before attach: an idle one counts its next request; one running at
-  attach (pg_sleep) is recorded flagged partial.
+  attach (pg_sleep) is recorded flagged partial; one whose status entry says nothing
+  (track_activities off) has its first request counted partial, not recorded.
 - exits: Terminate is a clean end (aborted 0); pg_terminate_backend inside pg_sleep(8)
   records one request flagged aborted, timed up to the backend's exit.
 """
