@@ -496,19 +496,6 @@ static __always_inline void leave_ctx(struct task_state *st, u8 kind)
 }
 
 /*
- * Task state of the current thread, if it is traced.  The thread is running:
- * if its state says otherwise, its switch-in was missed (the kernel skips a
- * BPF program that would nest in another on the same CPU), so catch up here.
- */
-/*
- * A backend running at attach starts in the state its PgBackendStatus entry
- * gives, read at its first event in its own context (so no state change of
- * its can slip between the read and the tracing): idle (in transaction or
- * not) starts idle; running or fastpath starts a request flagged partial,
- * timed from attach.  st_state is the field 16 bytes before st_activity_raw
- * (st_appname between them) in 13 to 18; the loader checked that layout.
- */
-/*
  * Whether the backend's status entry says it is running a statement
  * (STATE_RUNNING, or STATE_FASTPATH two after it): 1, 0, or -1 unreadable
  * (no status entry address, or track_activities off: STATE_DISABLED).
@@ -528,6 +515,15 @@ static __always_inline int status_running(void)
 	return -1;
 }
 
+/*
+ * A backend running at attach starts in the state its PgBackendStatus entry
+ * gives, read at its first event in its own context (so no state change of
+ * its can slip between the read and the tracing): idle (in transaction or
+ * not) starts idle; running or fastpath starts a request flagged partial,
+ * timed from attach.  st_state is the field 16 bytes before st_activity_raw
+ * (st_appname between them) in 13 to 18; activity.py checks it on live
+ * backends before MYBEENTRY_ADDR is passed.
+ */
 static __always_inline void resolve_seed(struct task_state *st)
 {
 	int running = status_running();
@@ -544,6 +540,11 @@ static __always_inline void resolve_seed(struct task_state *st)
 	}
 }
 
+/*
+ * Task state of the current thread, if it is traced.  The thread is running:
+ * if its state says otherwise, its switch-in was missed (the kernel skips a
+ * BPF program that would nest in another on the same CPU), so catch up here.
+ */
 static __always_inline struct task_state *current_state(void)
 {
 	struct task_state *st = state_of(bpf_get_current_pid_tgid());
