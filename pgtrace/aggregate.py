@@ -52,10 +52,49 @@ def wait_columns(df: pd.DataFrame, prefix: str) -> list[str]:
     return sorted(cols, key=lambda c: -totals[c])
 
 
+def flagged(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows flagged `column` (partial, aborted); none in a frame without the column."""
+    if column not in df.columns or df.empty:
+        return df.iloc[0:0]
+    return df[df[column].astype(bool)]
+
+
+def incomplete(df: pd.DataFrame, counters: dict[str, int] | None = None) -> dict[str, Any]:
+    """Requests the window cut: aborted ones (their time so far) and partial ones.
+
+    A partial request began before attach (its time counts from attach on);
+    `unrecorded` are those counted by the kernel but without a record (the
+    backend's state at attach was unreadable). Rows are in the frame, flagged.
+    """
+    counters = counters or {}
+    ab, pa = flagged(df, "aborted"), flagged(df, "partial")
+    return {
+        "aborted": {
+            "requests": len(ab),
+            "server_ns": int(ab["server_ns"].sum()) if len(ab) else 0,
+            "rows": [{"pid": int(r["pid"]), "t_start": int(r["t_start"]),
+                      "server_ns": int(r["server_ns"]),
+                      "fingerprint": str(r.get("fingerprint", ""))}
+                     for r in ab.head(20).to_dict("records")],
+        },
+        "partial": {
+            "requests": len(pa),
+            "server_ns": int(pa["server_ns"].sum()) if len(pa) else 0,
+            "unrecorded": max(0, int(counters.get("partial", 0)) - len(pa)),
+        },
+        "unanswered_receives": int(counters.get("unanswered", 0)),
+    }
+
+
 def summary(
-    df: pd.DataFrame, *, lost: int = 0, unmatched: int = 0, duration_s: float = 0.0
+    df: pd.DataFrame, *, lost: int = 0, unmatched: int = 0, duration_s: float = 0.0,
+    counters: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The summary JSON shape: totals per bucket sum to server_ns.sum."""
+    """The summary JSON shape: totals per bucket sum to server_ns.sum.
+
+    Aborted and partial requests are in every total (their time is server
+    time of the window) and reported apart under `incomplete`.
+    """
     per_backend: dict[str, dict[str, int]] = {}
     if len(df):
         grouped = df.groupby("pid")
@@ -79,6 +118,7 @@ def summary(
         },
         "lock_ns": {c[len(LOCK_PREFIX):]: int(df[c].sum()) for c in wait_columns(df, LOCK_PREFIX)},
         "per_backend": per_backend,
+        "incomplete": incomplete(df, counters),
     }
 
 
@@ -180,5 +220,7 @@ def compare_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def capture_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
     """The summary of a capture: its rows, with the counters its header kept."""
+    counters = header.get("counters")
     return summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
-                   duration_s=header.get("duration_s", 0.0))
+                   duration_s=header.get("duration_s", 0.0),
+                   counters=counters if isinstance(counters, dict) else None)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from pgtrace import __version__
 from pgtrace.aggregate import concat, summary
-from pgtrace.collect.activity import locate_activity
+from pgtrace.collect.activity import locate_activity, state_running
 from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, runq_frame
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
@@ -147,7 +147,8 @@ def _activity_constants(target: Target, settings: dict[str, str]) -> dict[str, i
 def _engine_constants(target: Target, settings: dict[str, str],
                       opts: AttachOptions) -> dict[str, Any]:
     """How sleeps are classified and requests ended, for this server."""
-    out: dict[str, Any] = {"rfq_uprobe": settings.get("ssl", "off") == "on"}
+    out: dict[str, Any] = {"rfq_uprobe": settings.get("ssl", "off") == "on",
+                           "state_running": state_running(target.major)}
     if not opts.lwlock_probes:
         addr = locate_wait_event_info(target.binary, target.major, target.postmaster_pid)
         if addr is not None:
@@ -433,7 +434,7 @@ def run_attach(
     df = concat(run.frames)
     counters = run.counters
     summ = summary(df, lost=counters.get("lost", 0), unmatched=counters.get("unmatched", 0),
-                   duration_s=elapsed)
+                   duration_s=elapsed, counters=counters)
     conversion_s = time.monotonic() - t
     first = run.segments[0]
     header = _header(target, opts, started_wall, counters, run.fps.texts)

@@ -40,7 +40,12 @@ LOCK_TYPES: tuple[str, ...] = (
     "other",
 )
 
-#: Counters kept in the kernel (C_* in pgtrace.h).
+#: Counters kept in the kernel (C_* in pgtrace.h). `aborted`: requests whose backend
+#: exited inside them (recorded, flagged); `partial`: requests in flight at attach
+#: (recorded and flagged, or only counted where the backend's status entry was
+#: unreadable); `unanswered`: receives that opened no request, because the server
+#: answered them without a ReadyForQuery (a Flush read alone): the backend went back
+#: to waiting for its client with its status entry still idle (request.bpf.c).
 COUNTERS: tuple[str, ...] = (
     "requests",
     "lost",
@@ -53,6 +58,8 @@ COUNTERS: tuple[str, ...] = (
     "deferred",
     "client_lost",
     "resynced",
+    "partial",
+    "unanswered",
 )
 
 #: Wait contexts (CTX_* in pgtrace.h), naming the runqueue:<context> columns:
@@ -68,6 +75,10 @@ CONTEXTS: tuple[str, ...] = (
 )
 
 RUNQUEUE_PREFIX = "runqueue:"
+
+#: Per-request flags, as capture columns (FLAG_* in pgtrace.h): began before attach,
+#: its backend exited inside it.
+FLAGS: tuple[str, ...] = ("partial", "aborted")
 
 #: Per-request counts of events, as capture columns.
 COUNTS: tuple[str, ...] = (

@@ -77,10 +77,22 @@
 #define MODE_RUNQ 1
 #define MODE_BLOCKED 2
 
-/* request state of a traced task */
-#define REQ_NONE 0   /* unknown: startup, or attached mid-request */
-#define REQ_IDLE 1   /* ReadyForQuery sent; the next bytes received start a request */
-#define REQ_BUSY 2
+/* request state of a traced task (request.bpf.c) */
+#define REQ_NONE 0     /* unknown: startup (before its first ReadyForQuery) */
+#define REQ_IDLE 1     /* nothing received that a ReadyForQuery will answer */
+#define REQ_BUSY 2     /* bytes received since, not yet answered */
+
+/* how a backend already running at attach starts (task_state.seed) */
+#define SEED_NONE 0     /* forked while traced, or resolved */
+#define SEED_PENDING 1  /* seeded at attach: its state is read at its next event */
+#define SEED_IDLE 2     /* its status entry said idle: a ReadyForQuery before any receive
+			   ends a request that was in flight at attach (partial) */
+#define SEED_UNKNOWN 3  /* status entry unreadable: its first answered request is counted
+			   `partial`, not recorded */
+
+/* req_event.flags */
+#define FLAG_PARTIAL 1  /* began before attach: its time is counted from attach on */
+#define FLAG_ABORTED 2  /* the backend exited inside it (error exit or killed) */
 
 /* counters: indices into the per-CPU `counters` array (mirrored in events.py) */
 #define C_REQUESTS 0
@@ -94,7 +106,10 @@
 #define C_DEFERRED 8      /* a record handed over through the `deferred` map */
 #define C_CLIENT_LOST 9   /* a driver run-queue wait the ring buffer refused */
 #define C_RESYNCED 10     /* a running task whose switch-in the sched programs missed */
-#define NCOUNTERS 11
+#define C_PARTIAL 11      /* requests in flight at attach (recorded flagged, or only counted) */
+#define C_UNANSWERED 12   /* bytes received that opened no request: answered without a
+			     ReadyForQuery (a Flush), the backend idle when it waits again */
+#define NCOUNTERS 13
 
 #define NLW 4             /* LWLock tranches kept per request; more go to lw_other_ns */
 #define NLOCKTYPES 12     /* LockTagType values (storage/lock.h), the last one = other */
@@ -118,6 +133,8 @@ struct req_event {
 	u64 seq;              /* per-backend request number */
 	u32 pid;
 	u32 depth_at_end;     /* wait contexts still open at the end (0 expected) */
+	u32 flags;            /* FLAG_* */
+	u32 pad0;
 	u64 buckets[NBUCKETS];
 	struct lw_slot lw[NLW];
 	u64 lw_other_ns;
@@ -184,6 +201,10 @@ struct task_state {
 	u64 resend_len;       /* bytes of that send still to go out */
 	u64 activity_raw;     /* the backend's st_activity_raw, once read (fixed for its life) */
 	u64 wait_event_ptr;   /* its my_wait_event_info target, once read after a request */
+	s32 recv_fd;          /* the fd of the receive in progress, -1 if none */
+	u8 seed;              /* SEED_* */
+	u8 partial;           /* the open request began before attach */
+	u8 exit_clean;        /* exit_group(0) seen: a clean end (Terminate) */
 	s32 off_ustack;       /* with stacks: user stack where it last blocked */
 	s32 off_kstack;       /* with stacks: kernel stack where it last blocked */
 	struct ctx_entry stack[MAXDEPTH];
@@ -475,6 +496,51 @@ static __always_inline void leave_ctx(struct task_state *st, u8 kind)
 }
 
 /*
+ * Whether the backend's status entry says it is running a statement
+ * (STATE_RUNNING, or STATE_FASTPATH two after it): 1, 0, or -1 unreadable
+ * (no status entry address, or track_activities off: STATE_DISABLED).
+ */
+static __always_inline int status_running(void)
+{
+	s32 state = -1;
+#ifdef MYBEENTRY_ADDR
+	u64 be = 0;
+	if (bpf_probe_read_user(&be, sizeof(be), (void *)MYBEENTRY_ADDR) == 0 && be)
+		bpf_probe_read_user(&state, sizeof(state), (void *)(be + ACTIVITY_RAW_OFF - 16));
+#endif
+	if (state == STATE_RUNNING || state == STATE_RUNNING + 2)
+		return 1;
+	if (state == STATE_RUNNING - 1 || state == STATE_RUNNING + 1 || state == STATE_RUNNING + 3)
+		return 0;
+	return -1;
+}
+
+/*
+ * A backend running at attach starts in the state its PgBackendStatus entry
+ * gives, read at its first event in its own context (so no state change of
+ * its can slip between the read and the tracing): idle (in transaction or
+ * not) starts idle; running or fastpath starts a request flagged partial,
+ * timed from attach.  st_state is the field 16 bytes before st_activity_raw
+ * (st_appname between them) in 13 to 18; activity.py checks it on live
+ * backends before MYBEENTRY_ADDR is passed.
+ */
+static __always_inline void resolve_seed(struct task_state *st)
+{
+	int running = status_running();
+	if (running == 1) {
+		st->seed = SEED_NONE;
+		st->req = REQ_BUSY;
+		st->partial = 1;
+	} else if (running == 0) {
+		st->seed = SEED_IDLE;
+		st->req = REQ_IDLE;
+	} else {
+		st->seed = SEED_UNKNOWN;
+		st->req = REQ_NONE;
+	}
+}
+
+/*
  * Task state of the current thread, if it is traced.  The thread is running:
  * if its state says otherwise, its switch-in was missed (the kernel skips a
  * BPF program that would nest in another on the same CPU), so catch up here.
@@ -482,6 +548,8 @@ static __always_inline void leave_ctx(struct task_state *st, u8 kind)
 static __always_inline struct task_state *current_state(void)
 {
 	struct task_state *st = state_of(bpf_get_current_pid_tgid());
+	if (st && st->seed == SEED_PENDING)
+		resolve_seed(st);
 	if (st && st->mode != MODE_ONCPU) {
 		charge(st, bpf_ktime_get_ns());
 		st->mode = MODE_ONCPU;

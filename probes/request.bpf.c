@@ -5,8 +5,13 @@
  * while the backend is idle after ReadyForQuery) to the start of the send
  * that flushes the ReadyForQuery ('Z') message answering it.  In
  * pipeline mode the next request's bytes are already buffered: it starts when
- * the previous request's answer is sent.  Records are written without wake-ups:
- * pgtrace reads the ring buffer on a timer (pgtrace/collect/ringbuf.py).
+ * the previous request's answer is sent.  Bytes answered without a 'Z' (a
+ * Flush read alone) open no request: see recvfrom_exit.  Backends running at
+ * attach start from their status entry (resolve_seed in pgtrace.h); a backend
+ * exiting inside a request leaves it flagged aborted (abort_request).  The
+ * contract: /work/shared/attribution-model.md ("What is attributed").
+ * Records are written without wake-ups: pgtrace reads the ring buffer on a
+ * timer (pgtrace/collect/ringbuf.py).
  */
 #include "pgtrace.h"
 
@@ -28,6 +33,7 @@ static __always_inline void new_task(u32 pid, u64 now)
 		return;
 	st->wal_fd = -1;
 	st->init_fd = -1;
+	st->recv_fd = -1;
 	st->off_ustack = st->off_kstack = -1;
 	st->mode = MODE_RUNQ;
 	st->last_ts = now;
@@ -43,55 +49,85 @@ static __always_inline void new_task(u32 pid, u64 now)
  * pointers are fixed once set (a backend keeps its status slot, and a slot its
  * buffer), so they are read once per backend: one user read per request, not three.
  */
-static __always_inline void read_activity(struct task_state *st)
+static __always_inline u64 activity_raw(struct task_state *st)
 {
 	u64 be = 0, raw = st->activity_raw;
 	if (!raw) {
 		if (bpf_probe_read_user(&be, sizeof(be), (void *)MYBEENTRY_ADDR) != 0 || !be)
-			return;
-		if (bpf_probe_read_user(&raw, sizeof(raw), (void *)(be + ACTIVITY_RAW_OFF)) != 0 ||
-		    !raw)
-			return;
+			return 0;
+		if (bpf_probe_read_user(&raw, sizeof(raw), (void *)(be + ACTIVITY_RAW_OFF)) != 0)
+			return 0;
 		st->activity_raw = raw;
 	}
-	bpf_probe_read_user_str(st->acc.query, sizeof(st->acc.query), (void *)raw);
+	return raw;
+}
+
+static __always_inline void read_activity(struct task_state *st)
+{
+	u64 raw = activity_raw(st);
+	if (raw)
+		bpf_probe_read_user_str(st->acc.query, sizeof(st->acc.query), (void *)raw);
 }
 #endif
 
-/* Emit the request and start waiting for the next one. */
-static __always_inline void end_request(struct task_state *st, u64 now)
+/* Send the request accumulated in st->acc, flagged `flags`. */
+static __always_inline void emit_request(struct task_state *st, u64 now, u32 flags)
 {
-	u64 seq;
-	charge(st, now);
-	if (st->req != REQ_NONE) {
 #ifdef MYBEENTRY_ADDR
-		read_activity(st);
+	read_activity(st);
 #endif
-		st->acc.t_end = now;
-		st->acc.pid = bpf_get_current_pid_tgid();
-		st->acc.depth_at_end = st->depth;
-		/* a reservation can fail with room to spare (the ring's lock is a
-		 * resilient spinlock since 6.15): try once more, then hand the
-		 * record over through a hash map before counting it lost */
-		if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0) {
-			bump(C_REQUESTS);
-		} else if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0) {
-			bump(C_RETRIED);
+	st->acc.t_end = now;
+	st->acc.pid = bpf_get_current_pid_tgid();
+	st->acc.depth_at_end = st->depth;
+	st->acc.flags = flags;
+	/* a reservation can fail with room to spare (the ring's lock is a
+	 * resilient spinlock since 6.15): try once more, then hand the
+	 * record over through a hash map before counting it lost */
+	if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0) {
+		bump(C_REQUESTS);
+	} else if (events.ringbuf_output(&st->acc, sizeof(st->acc), BPF_RB_NO_WAKEUP) == 0) {
+		bump(C_RETRIED);
+		bump(C_REQUESTS);
+	} else {
+		u64 key = ((u64)st->acc.pid << 32) | (u32)st->acc.seq;
+		if (deferred.update(&key, &st->acc) == 0) {
+			bump(C_DEFERRED);
 			bump(C_REQUESTS);
 		} else {
-			u64 key = ((u64)st->acc.pid << 32) | (u32)st->acc.seq;
-			if (deferred.update(&key, &st->acc) == 0) {
-				bump(C_DEFERRED);
-				bump(C_REQUESTS);
-			} else {
-				bump(C_LOST);
-			}
+			bump(C_LOST);
 		}
 	}
-	seq = st->acc.seq + 1;
+}
+
+/* Start accumulating afresh at `now` (the next request's number kept). */
+static __always_inline void restart(struct task_state *st, u64 now)
+{
+	u64 seq = st->acc.seq;
 	reset_request(st, now);
 	st->acc.seq = seq;
+}
+
+/*
+ * A ReadyForQuery goes out: it ends the request (a pipelined one whose bytes
+ * were already read starts now, its time counted from this answer on).
+ */
+static __always_inline void answered(struct task_state *st, u64 now)
+{
+	u32 flags = st->partial || st->seed == SEED_IDLE ? FLAG_PARTIAL : 0;
+
+	charge(st, now);
+	if (st->req == REQ_NONE && st->seed == SEED_UNKNOWN)
+		bump(C_PARTIAL);              /* started before attach, state unreadable */
+	if (st->req != REQ_NONE) {
+		if (flags)
+			bump(C_PARTIAL);
+		emit_request(st, now, flags);
+		st->acc.seq++;
+	}
+	st->seed = SEED_NONE;
+	st->partial = 0;
 	st->req = REQ_IDLE;
+	restart(st, now);
 	st->wake_runq_ns = 0;
 }
 
@@ -122,7 +158,7 @@ static __always_inline void sendto_enter(const u8 *buf, u64 len)
 	if (!st || !st->ending)
 		return;
 	st->ending = 0;
-	end_request(st, bpf_ktime_get_ns());
+	answered(st, bpf_ktime_get_ns());
 }
 
 static __always_inline void sendto_exit(struct task_state *st, long ret) {}
@@ -167,7 +203,7 @@ static __always_inline void sendto_enter(const u8 *buf, u64 len)
 		return;
 	st->resending = 1;
 	st->resend_len = len;
-	end_request(st, bpf_ktime_get_ns());
+	answered(st, bpf_ktime_get_ns());
 }
 
 /* The ReadyForQuery send returned: done unless it went out in part or not at all. */
@@ -180,18 +216,78 @@ static __always_inline void sendto_exit(struct task_state *st, long ret)
 }
 #endif
 
-/* The first bytes read while idle start a request. */
+/* A receive starts: its exit matters (recv_fd marks it). */
+static __always_inline void recvfrom_enter(s32 fd)
+{
+	struct task_state *st = current_state();
+	if (st && st->req != REQ_NONE)
+		st->recv_fd = fd;
+}
+
+/*
+ * A receive returned.  Bytes while idle start a request.  A receive that
+ * finds nothing to read (EAGAIN: the backend is about to wait for its
+ * client) inside a request whose backend is still idle by its status entry
+ * ends a request that was none: the messages read so far are answered
+ * without a ReadyForQuery (a Flush after the Sync psycopg sends when it
+ * leaves a pipeline block, a Describe flushed by Flush), for Parse, Bind,
+ * Execute, Query and FunctionCall all report the backend running before
+ * anything else.  What the backend did for them is not the client's
+ * request; the wait that follows is the client's.
+ */
+#define EAGAIN_RET (-11)
 static __always_inline void recvfrom_exit(struct task_state *st, long ret)
 {
-	u64 now, seq;
-	if (ret <= 0)
+	u64 now;
+	if (st->req == REQ_BUSY && ret == EAGAIN_RET && !st->partial && status_running() == 0) {
+		bump(C_UNANSWERED);
+		st->req = REQ_IDLE;
+		restart(st, bpf_ktime_get_ns());
+		return;
+	}
+	if (ret <= 0 || st->req != REQ_IDLE)
 		return;
 	now = bpf_ktime_get_ns();
-	seq = st->acc.seq;
-	reset_request(st, now);
-	st->acc.seq = seq;
+	restart(st, now);
 	st->acc.wakeup_ns = st->wake_runq_ns;
 	st->req = REQ_BUSY;
+	st->seed = SEED_NONE;
+#ifdef MYBEENTRY_ADDR
+	/* once per backend: at an abort its status entry is already gone */
+	if (!st->activity_raw)
+		activity_raw(st);
+#endif
+}
+
+/*
+ * The backend leaves inside a request: exit_group with a non-zero status
+ * (pg_terminate_backend, a FATAL error), or killed without one.  The request
+ * is recorded as far as it got, flagged aborted.  exit_group(0) is the clean
+ * end after a Terminate.
+ */
+static __always_inline void abort_request(struct task_state *st)
+{
+	u64 now = bpf_ktime_get_ns();
+	u32 flags = FLAG_ABORTED | (st->partial ? FLAG_PARTIAL : 0);
+
+	charge(st, now);
+	bump(C_ABORTED);
+	if (st->partial)
+		bump(C_PARTIAL);
+	emit_request(st, now, flags);
+	st->req = REQ_NONE;
+	st->partial = 0;
+}
+
+static __always_inline void exit_group_enter(long status)
+{
+	struct task_state *st = current_state();
+	if (!st)
+		return;
+	if (status == 0)
+		st->exit_clean = 1;
+	else if (st->req == REQ_BUSY)
+		abort_request(st);
 }
 
 /*
@@ -229,8 +325,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	struct task_state *st = state_of(pid);
 	if (!st)
 		return 0;
-	if (st->req == REQ_BUSY)
-		bump(C_ABORTED);
+	if (st->req == REQ_BUSY && !st->exit_clean)
+		abort_request(st);      /* killed: no exit_group (its text may be gone) */
 	untrack(pid);
 	return 0;
 }

@@ -11,7 +11,7 @@
  * Exits: a wait context a syscall opened is closed by that syscall's exit,
  * the next exit of its task (system calls do not nest).  The call's number is
  * read from the saved registers only where an exit matters by number: a
- * receive by an idle backend, the end of a ReadyForQuery send, a WAL open.
+ * a traced backend's receive, the end of a ReadyForQuery send, a WAL open.
  */
 #include "pgtrace.h"
 
@@ -31,6 +31,12 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	case NR_SENDTO:
 		sendto_enter((const u8 *)sys_arg((u64 *)&PT_REGS_PARM2(regs)),
 			     sys_arg((u64 *)&PT_REGS_PARM3(regs)));
+		break;
+	case NR_RECVFROM:
+		recvfrom_enter(sys_arg((u64 *)&PT_REGS_PARM1(regs)));
+		break;
+	case NR_EXIT_GROUP:
+		exit_group_enter(sys_arg((u64 *)&PT_REGS_PARM1(regs)));
 		break;
 	case NR_OPENAT:
 		openat_enter((const char *)sys_arg((u64 *)&PT_REGS_PARM2(regs)));
@@ -68,12 +74,13 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 		st->depth--;
 		return 0;
 	}
-	if (st->req != REQ_IDLE && !st->resending && !st->opening_wal)
+	if (st->recv_fd < 0 && !st->resending && !st->opening_wal)
 		return 0;
 	nr = sys_arg((u64 *)&regs->SYSCALL_NR_FIELD);
-	if (nr == NR_RECVFROM && st->req == REQ_IDLE)
+	if (nr == NR_RECVFROM && st->recv_fd >= 0) {
 		recvfrom_exit(st, ret);
-	else if (nr == NR_SENDTO && st->resending)
+		st->recv_fd = -1;
+	} else if (nr == NR_SENDTO && st->resending)
 		sendto_exit(st, ret);
 	else if (nr == NR_OPENAT && st->opening_wal)
 		openat_exit(st, ret);

@@ -18,6 +18,17 @@ from pgtrace.elf.usdt import load_segments, open_elf
 ACTIVITY_RAW_OFFSET: dict[int, int] = {13: 248, 14: 248, 15: 248, 16: 248, 17: 248, 18: 248}
 #: offsetof(PgBackendStatus, st_procpid).
 PROCPID_OFFSET = 4
+#: offsetof(PgBackendStatus, st_state): st_appname sits between it and st_activity_raw
+#: (13 to 18). request.bpf.c reads it at ACTIVITY_RAW_OFF - 16.
+STATE_GAP = 16
+#: BackendState values, STATE_UNDEFINED .. STATE_DISABLED (18 adds STATE_STARTING).
+MAX_STATE = 7
+
+
+def state_running(major: int) -> int:
+    """STATE_RUNNING in `major`'s BackendState: 2, or 3 from 18 (STATE_STARTING before
+    STATE_IDLE). The other states sit at fixed distances from it (pgtrace.h)."""
+    return 3 if major >= 18 else 2
 
 
 def load_bias(binary: str, pid: int) -> int:
@@ -50,7 +61,8 @@ def _check(pid: int, entry_ptr: int, offset: int) -> bool | None:
             return None
         (procpid,) = struct.unpack("<i", _read(pid, entry + PROCPID_OFFSET, 4))
         (raw,) = struct.unpack("<Q", _read(pid, entry + offset, 8))
-        if procpid != pid or not raw:
+        (state,) = struct.unpack("<i", _read(pid, entry + offset - STATE_GAP, 4))
+        if procpid != pid or not raw or not 0 <= state <= MAX_STATE:
             return False
         text = _read(pid, raw, 64).split(b"\0", 1)[0]
         return all(32 <= b < 127 or b in (9, 10, 13) or b >= 128 for b in text)

@@ -36,6 +36,8 @@ def req_event_type(query_len: int = DEFAULT_QUERY_LEN) -> type[ct.Structure]:
         ("seq", ct.c_uint64),
         ("pid", ct.c_uint32),
         ("depth_at_end", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("pad0", ct.c_uint32),
         ("buckets", ct.c_uint64 * NBUCKETS),
         ("lw", LwSlot * NLW),
         ("lw_other_ns", ct.c_uint64),

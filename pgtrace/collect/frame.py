@@ -13,6 +13,7 @@ from pgtrace.fingerprint import fingerprint, normalize
 from pgtrace.model import (
     CONTEXTS,
     COUNTS,
+    FLAGS,
     LOCK_PREFIX,
     LOCK_TYPES,
     LWLOCK_PREFIX,
@@ -114,6 +115,9 @@ def records_frame(
     for name in COUNTS:
         cols[name] = a[name]
     cols["depth_at_end"] = a["depth_at_end"]
+    # partial: began before attach; aborted: its backend exited inside it
+    for bit, name in enumerate(FLAGS):
+        cols[name] = (a["flags"] >> bit) & 1
     block = np.empty((len(cols), len(a)), dtype=np.int64)
     for i, col in enumerate(cols.values()):
         block[i] = col

@@ -35,9 +35,11 @@ SOURCES = ("request.bpf.c", "sched.bpf.c", "waits.bpf.c", "syscalls.bpf.c", "sta
 #: field that holds the call's number at its exit.
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"RECVFROM": 45, "SENDTO": 44, "OPENAT": 257, "CLOSE": 3, "FSYNC": 74,
-               "FDATASYNC": 75, "PWRITE64": 18, "PWRITEV": 296, "FALLOCATE": 285},
+               "FDATASYNC": 75, "PWRITE64": 18, "PWRITEV": 296, "FALLOCATE": 285,
+               "EXIT_GROUP": 231},
     "aarch64": {"RECVFROM": 207, "SENDTO": 206, "OPENAT": 56, "CLOSE": 57, "FSYNC": 82,
-                "FDATASYNC": 83, "PWRITE64": 68, "PWRITEV": 70, "FALLOCATE": 47},
+                "FDATASYNC": 83, "PWRITE64": 68, "PWRITEV": 70, "FALLOCATE": 47,
+                "EXIT_GROUP": 94},
 }
 SYSCALL_NR_FIELD = {"x86_64": "orig_ax", "aarch64": "syscallno"}
 

@@ -30,9 +30,11 @@ from pgtrace.collect.ringbuf import RingReader
 from pgtrace.collect.stacks import folded
 from pgtrace.elf.usdt import ProbeSite
 from pgtrace.model import COUNTERS
-from pgtrace.target import list_backends
+from pgtrace.target import CLIENT, backend_kind, list_backends, title_of
 
 MODE_ONCPU, MODE_BLOCKED = 0, 2
+#: REQ_IDLE and SEED_PENDING (pgtrace.h): an existing backend's state is read at its next event
+REQ_IDLE, SEED_PENDING = 1, 1
 _WAL_NAME = re.compile(r"/pg_wal/[0-9A-F]{24}$")
 
 
@@ -49,6 +51,15 @@ def wal_fd_of(pid: int) -> int:
         except OSError:
             continue
     return -1
+
+
+def _is_client(pid: int) -> bool:
+    """Whether pid is a client backend (a session), not an auxiliary process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return backend_kind(title_of(f.read())) == CLIENT
+    except OSError:
+        return False
 
 
 def _proc_state(pid: int) -> str:
@@ -172,6 +183,9 @@ class TraceSession:
             leaf = self._leaf()
             leaf.wal_fd = wal_fd_of(pid)
             leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
+            if _is_client(pid):  # a session: its state is read at its next event
+                leaf.req, leaf.seed = REQ_IDLE, SEED_PENDING
+                leaf.acc.t_start = leaf.last_ts = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             self._track(pid, leaf)
             added.append(pid)
         for pid in added:
@@ -192,6 +206,7 @@ class TraceSession:
         assert self._att is not None
         leaf = self._att.bpf["states"].Leaf()
         leaf.wal_fd = leaf.init_fd = leaf.off_ustack = leaf.off_kstack = -1
+        leaf.recv_fd = -1
         return leaf
 
     def _track(self, pid: int, leaf: Any, replace: bool = False) -> None:

@@ -51,7 +51,7 @@ from pgtrace.model import (
     UNEXPLAINED,
 )
 from pgtrace.report.folded import flame_svg
-from pgtrace.report.text import fmt_ns
+from pgtrace.report.text import fmt_ns, incomplete_lines
 
 Figure = Any  # plotly ships no type information
 
@@ -592,6 +592,7 @@ def _headline(cap: Capture) -> str:
         f"<b>{s['requests']}</b> requests in <b>{dur:.1f} s</b> ({rate:.0f}/s)",
         "server time: " + ", ".join(span(k) for k in ("mean", "p50", "p99", "max")),
         f"lost records: <b>{s['lost']}</b>, unmatched waits: <b>{s['unmatched']}</b>",
+        *(_e(line) for line in incomplete_lines(s)),
     ]
     return '<p class="headline">' + "<br>".join(parts) + "</p>"
 

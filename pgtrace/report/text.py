@@ -38,6 +38,23 @@ def runqueue_line(df: pd.DataFrame) -> str:
     return "runqueue by context it interrupted: " + ", ".join(shown)
 
 
+def incomplete_lines(summary: dict[str, Any]) -> list[str]:
+    """Aborted and partial requests: counts, time, and the aborted ones."""
+    inc = summary.get("incomplete")
+    if not isinstance(inc, dict):
+        return []
+    ab, pa = inc["aborted"], inc["partial"]
+    lines = [f"aborted requests: {ab['requests']} ({fmt_ns(ab['server_ns'])} so far)"]
+    for r in ab["rows"]:
+        lines.append(f"  aborted: pid {r['pid']}, {fmt_ns(r['server_ns'])} so far, "
+                     f"{r['fingerprint'] or '(no text)'}")
+    lines.append(
+        f"partial requests (begun before attach): {pa['requests']} "
+        f"({fmt_ns(pa['server_ns'])} since attach)"
+        + (f", {pa['unrecorded']} more not recorded" if pa["unrecorded"] else ""))
+    return lines
+
+
 def window_lines(header: dict[str, Any]) -> list[str]:
     """From when requests were counted, each postmaster restart followed, an early end."""
     start = header.get("tracing_started_wall")
@@ -71,6 +88,8 @@ def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO,
     )
     for line in window_lines(header or {}):
         con.print(line, soft_wrap=True)
+    for line in incomplete_lines(summary):
+        con.print(line)
     table = Table(title="Where the server time went", title_justify="left")
     for col in ("bucket", "total", "share", "mean/req", "p50", "p99"):
         table.add_column(col, justify="left" if col == "bucket" else "right")

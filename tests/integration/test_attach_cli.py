@@ -48,7 +48,7 @@ PGBENCH_DEFAULT = "/usr/lib/postgresql/15/bin/pgbench"
 READY = "Tracing... hit Ctrl-C to end."
 SUMMARY_KEYS = {
     "requests", "lost", "unmatched", "duration_s", "server_ns", "buckets_ns", "lwlock_ns",
-    "lock_ns", "per_backend",
+    "lock_ns", "per_backend", "incomplete",
 }
 BUCKETS = [
     "cpu", "runqueue", "fsync", "wal_write", "lwlock", "lock", "io_read", "io_write",

@@ -14,10 +14,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import pq
 
 from pgtrace.cluster import TempCluster, _server_owner, start_cluster
 from tests.conftest import ClusterLike
@@ -36,9 +38,9 @@ def test_large_answers_end_their_request_once(pg_cluster: ClusterLike) -> None:
         pid = int(row[0])
 
         def work(_session: object) -> int:
-            # a backend already connected is seen from its next ReadyForQuery on
+            # a backend already connected and idle counts its next request (issue 14)
             conn.execute("select 'first'")
-            n = 0
+            n = 1
             for _ in range(15):
                 big = conn.execute("select repeat('x', %s)", (BIG,)).fetchone()
                 assert big is not None and len(big[0]) == BIG
@@ -93,13 +95,31 @@ def test_tls_requests_end_at_ready_for_query(tls_cluster: TempCluster) -> None:
         conn.execute("create table tls_t (id int)")
 
         def work(_session: object) -> int:
-            conn.execute("select 'first'")  # from its next ReadyForQuery on
+            conn.execute("select 'first'")  # idle at attach: counted too
             for i in range(40):
                 conn.execute("insert into tls_t values (%s)", (i,))
-            return 40
+            # a Flush read alone after the answer opens no request, encrypted too
+            pg = conn.pgconn
+            pg.enter_pipeline_mode()
+            pg.send_query_params(b"select 1", None)
+            pg.pipeline_sync()
+            while pg.flush():
+                pass
+            while (res := pg.get_result()) is None or res.status != pq.ExecStatus.PIPELINE_SYNC:
+                pass
+            pg.send_flush_request()
+            while pg.flush():
+                pass
+            time.sleep(0.5)  # the client pauses: never server time
+            pg.exit_pipeline_mode()
+            conn.execute("select 'last'")
+            return 43
 
         tr = traced(tls_cluster.postmaster_pid, work)
     assert tr.run.header["engine"]["request_end"] == "ReadyForQuery uprobe"
     df = tr.run.frame
     mine = df[df["pid"] == pid]
     assert len(mine) == tr.value, mine[["seq", "server_ns", "fingerprint"]].to_string()
+    assert tr.run.header["counters"]["unanswered"] == 1
+    # the request after the Flush starts after the pause, not at the Flush
+    assert (mine["server_ns"] < 500_000_000).all(), mine["server_ns"].max()

@@ -29,6 +29,7 @@ SUMMARY_KEYS = [
     "lwlock_ns",
     "lock_ns",
     "per_backend",
+    "incomplete",
 ]
 STAT_KEYS = ["sum", "mean", "p50", "p99", "max"]
 SPEC_BUCKETS = [
@@ -241,3 +242,26 @@ def test_per_fingerprint_and_per_second_add_up() -> None:
     assert sum(r["requests"] for r in secs) == n
     assert [r["second"] for r in secs] == sorted(r["second"] for r in secs)
     assert sum(r["buckets_ns"]["cpu"] for r in secs) == int(cpu.sum())
+
+
+def test_aborted_and_partial_rows_are_reported_apart_and_kept_in_totals(
+        df: pd.DataFrame) -> None:
+    flagged = df.assign(aborted=[0, 1, 0], partial=[1, 1, 0], fingerprint=["a", "b", "c"])
+    s = summary(flagged, counters={"partial": 3, "unanswered": 7})
+    inc = s["incomplete"]
+    assert inc["aborted"]["requests"] == 1 and inc["aborted"]["server_ns"] == 300
+    assert inc["aborted"]["rows"] == [{"pid": 10, "t_start": 1000, "server_ns": 300,
+                                       "fingerprint": "b"}]
+    # two recorded, one counted by the kernel without a record
+    assert (inc["partial"]["requests"], inc["partial"]["server_ns"],
+            inc["partial"]["unrecorded"]) == (2, 400, 1)
+    assert inc["unanswered_receives"] == 7
+    # the window's server time is all there: flagged rows stay in the totals
+    assert s["requests"] == 3 and s["server_ns"]["sum"] == 600
+    assert json.loads(json.dumps(s)) == s
+
+
+def test_a_frame_without_flags_has_no_incomplete_requests(df: pd.DataFrame) -> None:
+    inc = summary(df)["incomplete"]
+    assert inc["aborted"]["requests"] == inc["partial"]["requests"] == 0
+    assert inc["aborted"]["rows"] == []

@@ -12,7 +12,7 @@ import pytest
 
 from pgtrace.collect import events
 from pgtrace.collect.events import ArgKey, ArgSpecC, event_dtype, req_event_type
-from pgtrace.model import COUNTERS, COUNTS, LOCK_TYPES, SERVER_BUCKETS
+from pgtrace.model import COUNTERS, COUNTS, FLAGS, LOCK_TYPES, SERVER_BUCKETS
 
 # bcc warns about str table names; that is bcc's business, not this test's
 pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
@@ -51,6 +51,12 @@ def test_counter_indices_match_model() -> None:
     # every named counter in the model has its C index (all NCOUNTERS slots are named)
     named = set(COUNTERS)
     assert {k[2:].lower() for k in counters} == named
+
+
+def test_request_flags_match_model() -> None:
+    d = header_defines()
+    flags = {k[len("FLAG_"):].lower(): v for k, v in d.items() if k.startswith("FLAG_")}
+    assert flags == {name: 1 << bit for bit, name in enumerate(FLAGS)}
 
 
 def test_lock_types_and_lw_slots_match() -> None:

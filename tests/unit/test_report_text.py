@@ -154,3 +154,30 @@ def test_huge_numbers_still_fit() -> None:
 )
 def test_fmt_ns(ns: float, shown: str) -> None:
     assert fmt_ns(ns) == shown
+
+
+def test_aborted_and_partial_requests_have_their_lines() -> None:
+    df = frame(20)
+    df["aborted"] = 0
+    df["partial"] = 0
+    df.loc[3, "aborted"] = 1
+    df.loc[[5, 6], "partial"] = 1
+    df["fingerprint"] = "select pg_sleep($1)"
+    out = io.StringIO()
+    render_text(df, summary(df, duration_s=1.0, counters={"partial": 2}), out)
+    lines = out.getvalue().splitlines()
+    ab = fmt_ns(int(df.loc[3, "server_ns"]))
+    pa = fmt_ns(int(df.loc[[5, 6], "server_ns"].sum()))
+    assert lines[3] == f"aborted requests: 1 ({ab} so far)"
+    assert lines[4] == f"  aborted: pid {df.loc[3, 'pid']}, {ab} so far, select pg_sleep($1)"
+    assert lines[5] == f"partial requests (begun before attach): 2 ({pa} since attach)"
+    # counted by the kernel, not recorded: said on the same line
+    more = io.StringIO()
+    render_text(df, summary(df, duration_s=1.0, counters={"partial": 5}), more)
+    assert more.getvalue().splitlines()[5].endswith(f"({pa} since attach), 3 more not recorded")
+
+
+def test_no_aborted_requests_says_zero(text: str) -> None:
+    assert text.splitlines()[3:5] == ["aborted requests: 0 (0 ns so far)",
+                                      "partial requests (begun before attach): 0 (0 ns since "
+                                      "attach)"]
