@@ -21,7 +21,7 @@ from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, run
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
 from pgtrace.collect.waitevent import io_contexts, locate_wait_event_info
-from pgtrace.errors import TargetError, UsageError
+from pgtrace.errors import Interrupted, TargetError, UsageError
 from pgtrace.sampler import Sampler
 from pgtrace.settings import server_settings
 from pgtrace.target import Target, find_target
@@ -199,6 +199,9 @@ def run_attach(
         session.start()
         try:
             sampler.start()
+            if stop.stopped:  # Ctrl-C/SIGTERM while compiling or attaching: no report
+                raise Interrupted("interrupted before tracing started: every probe is "
+                                  "detached, nothing was written")
             t0 = time.monotonic()
             next_tick = t0 + opts.interval if opts.interval else None
             ticks = 0
