@@ -174,8 +174,8 @@ tracing has started detaches everything and exits 130 without a report.
               "per wait) instead of the wait event read when a backend sleeps (the default "
               "where the server version's tranche ids are known).")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
-@click.argument("interval", type=INTERVAL, required=False)
-@click.argument("count", type=LINES, required=False)
+@click.argument("interval", type=INTERVAL, required=False, metavar="[INTERVAL]")
+@click.argument("count", type=LINES, required=False, metavar="[COUNT]")
 @_errors_to_exit
 def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
            summary_json: str | None, query_text: bool, dsn: str | None,
