@@ -75,7 +75,7 @@ def _click_error_line(exc: click.ClickException) -> str:
     return line
 
 
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="pgtrace", cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pgtrace")
 def cli() -> None:
     """Split every PostgreSQL request's latency into exact buckets with eBPF.
@@ -196,8 +196,6 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
         for name, text in iter_sources():
             click.echo(f"// ---- {name}\n{text}")
         return
-    if count is not None and interval is None:
-        raise click.UsageError("COUNT goes with INTERVAL")
     outputs = _outputs(output, summary_json, stacks)
     from pgtrace.outputs import check_outputs
 
