@@ -12,7 +12,6 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from pgtrace.cli import cli
 from pgtrace.errors import CaptureError, OutputError
 from pgtrace.outputs import check_outputs, private_text, write_private
 from pgtrace.sampler import dsn_problem
-from tests.unit.test_capture import HEADER, requests_frame
+from tests.unit.test_capture import HEADER, requests_frame, umask0  # noqa: F401 - a fixture
 
 
 def invoke(*args: str) -> Result:
@@ -38,15 +37,6 @@ def one_line(res: Result, prefix: str = "pgtrace") -> str:
     assert lines[0].startswith(prefix), res.stderr
     assert "Traceback" not in res.output
     return lines[0]
-
-
-@pytest.fixture
-def umask0() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.fixture
