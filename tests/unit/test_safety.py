@@ -133,7 +133,8 @@ def test_a_failing_write_changes_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]  # no temporary left
 
 
-def test_private_whatever_the_umask(tmp_path: Path, umask0: None) -> None:
+@pytest.mark.usefixtures("umask0")
+def test_private_whatever_the_umask(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text("{}")
     path.chmod(0o666)
@@ -184,9 +185,9 @@ def test_report_of_a_bad_capture_keeps_the_old_output(tmp_path: Path, capture: P
                                                           "run.pgtrace"]
 
 
+@pytest.mark.usefixtures("umask0")
 @pytest.mark.parametrize("fmt", ["text", "json", "csv", "html"])
-def test_report_outputs_are_private(tmp_path: Path, capture: Path, umask0: None,
-                                    fmt: str) -> None:
+def test_report_outputs_are_private(tmp_path: Path, capture: Path, fmt: str) -> None:
     out = tmp_path / f"r.{fmt}"
     res = invoke("report", str(capture), "--format", fmt, "-o", str(out))
     assert res.exit_code == 0, res.output
