@@ -44,8 +44,25 @@ def _errors_to_exit(func: F) -> F:
 INTERRUPTED_EXIT = 130
 
 
+#: Commands defined elsewhere, imported when used: importing this module stays light (click),
+#: so a Ctrl-C while the heavy modules load is already handled by _Cli.main.
+LAZY_COMMANDS = {"load": "pgtrace.driver.command", "lab": "pgtrace.lab.command"}
+
+
 class _Cli(click.Group):
     """The command group: click's own errors and Ctrl-C also end in one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            import importlib
+
+            cmd: click.Command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]),
+                                         cmd_name)
+            return cmd
+        return super().get_command(ctx, cmd_name)
 
     def main(self, args: Any = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
@@ -398,17 +415,6 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
             f"the driver stopped with exit {out.driver_exit} (see its message above); "
             "the results so far are written"
         )
-
-
-def _register_driver() -> None:
-    """`pgtrace load` lives with the driver."""
-    from pgtrace.driver.command import load
-
-    cli.add_command(load)
-
-
-_register_driver()
-cli.add_command(__import__("pgtrace.lab.command", fromlist=["lab"]).lab)  # `pgtrace lab`
 
 
 def _resolve_binary(pid: int | None, binary: str | None) -> str:
