@@ -286,8 +286,6 @@ def _write_outputs(outputs: dict[str, str | None], frame: Any, summary: dict[str
                 write_private(path, "".join(line + "\n" for line in lines))
         except OutputError as exc:
             failed.append(exc.message)
-        else:
-            click.echo(f"wrote {path}", err=True)
     if failed:
         raise OutputError("; ".join(failed) + " (the report above is complete)")
 
