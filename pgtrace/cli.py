@@ -71,6 +71,9 @@ class _Cli(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `pgtrace` alone: the help
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             click.echo(_click_error_line(exc), err=True)
             sys.exit(exc.exit_code)

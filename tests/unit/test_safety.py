@@ -315,3 +315,10 @@ def test_json_types_in_the_header_survive_a_round_trip(tmp_path: Path) -> None:
     write_capture(path, requests_frame(5), header)
     _df, back = read_capture(path)
     assert json.loads(json.dumps(back))["stacks"]["oncpu"] == ["a;b 1"]
+
+
+def test_no_command_still_shows_the_help() -> None:
+    for args in ([], ["lab"]):
+        res = invoke(*args)
+        assert res.exit_code == 2
+        assert "Usage: pgtrace" in res.output and "Commands:" in res.output
