@@ -326,3 +326,22 @@ def test_doctor_names_other_clusters_on_the_binary(src_bin: str) -> None:
         for c in clusters:
             c.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_png_export_is_private(tmp_path: Path) -> None:
+    """`report --png DIR`: figures drawn in a private directory, moved out 0600; DIR 0700."""
+    from pgtrace.capture import write_capture
+    from tests.unit.test_capture import HEADER, requests_frame
+
+    capture = tmp_path / "run.pgtrace"
+    write_capture(capture, requests_frame(50), HEADER)
+    figs = tmp_path / "figs"
+    res = subprocess.run([PGTRACE, "report", str(capture), "--format", "html", "-o",
+                          str(tmp_path / "r.html"), "--png", str(figs)], capture_output=True,
+                         text=True, timeout=300, env=_env(), umask=0, check=False)
+    assert res.returncode == 0, res.stderr
+    pngs = sorted(figs.iterdir())
+    assert pngs and all(p.suffix == ".png" for p in pngs), pngs  # no temporary left
+    assert stat.S_IMODE(figs.stat().st_mode) == 0o700
+    for p in [*pngs, tmp_path / "r.html"]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
