@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from pgtrace.capture import read_capture
+from pgtrace.capture import read_capture, write_capture
 from pgtrace.cluster import TempCluster, start_cluster
 from pgtrace.sampler import dsn_problem
 from tests.integration.test_attach_cli import (  # noqa: F401 - fixtures
@@ -51,6 +51,7 @@ from tests.integration.test_attach_cli import (  # noqa: F401 - fixtures
     tracefs_pgtrace_events,
     wait_for,
 )
+from tests.unit.test_capture import HEADER, requests_frame
 
 pytestmark = [pytest.mark.root]
 
@@ -330,9 +331,6 @@ def test_doctor_names_other_clusters_on_the_binary(src_bin: str) -> None:
 
 def test_png_export_is_private(tmp_path: Path) -> None:
     """`report --png DIR`: figures drawn in a private directory, moved out 0600; DIR 0700."""
-    from pgtrace.capture import write_capture
-    from tests.unit.test_capture import HEADER, requests_frame
-
     capture = tmp_path / "run.pgtrace"
     write_capture(capture, requests_frame(50), HEADER)
     figs = tmp_path / "figs"
