@@ -23,7 +23,7 @@ from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, run
 from pgtrace.collect.loader import ProgramConfig, check_root
 from pgtrace.collect.session import TraceSession
 from pgtrace.collect.waitevent import io_contexts, locate_wait_event_info
-from pgtrace.errors import PgtraceError, TargetError, UsageError
+from pgtrace.errors import Interrupted, PgtraceError, TargetError, UsageError
 from pgtrace.sampler import Sampler
 from pgtrace.settings import server_settings
 from pgtrace.target import Target, find_target
@@ -385,6 +385,9 @@ def run_attach(
         status(f"attached after {seg.attach_s:.1f} s")
         try:
             sampler.start()
+            if stop.stopped:  # Ctrl-C/SIGTERM while compiling or attaching: no report
+                raise Interrupted("interrupted before tracing started: every probe is "
+                                  "detached, nothing was written")
             t0 = seg.session.window_start_ns / 1e9
             next_tick = t0 + opts.interval if opts.interval else None
             ticks = 0

@@ -10,7 +10,19 @@ from typing import Any, TypeVar
 import click
 
 from pgtrace import __version__
-from pgtrace.errors import PgtraceError, ServerError
+from pgtrace.cliargs import (
+    BATCH_ROWS,
+    INTERVAL,
+    LINES,
+    PAYLOAD,
+    RATE,
+    REQUESTS,
+    RUNNERS,
+    SAMPLE_INTERVAL,
+    SECONDS,
+    WORKERS,
+)
+from pgtrace.errors import OutputError, PgtraceError, ServerError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,7 +41,61 @@ def _errors_to_exit(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+INTERRUPTED_EXIT = 130
+
+
+#: Commands defined elsewhere, imported when used: importing this module stays light (click),
+#: so a Ctrl-C while the heavy modules load is already handled by _Cli.main.
+LAZY_COMMANDS = {"load": "pgtrace.driver.command", "lab": "pgtrace.lab.command"}
+
+
+class _Cli(click.Group):
+    """The command group: click's own errors and Ctrl-C also end in one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            import importlib
+
+            cmd: click.Command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]),
+                                         cmd_name)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `pgtrace` alone: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(_click_error_line(exc), err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C outside a tracing session: nothing to detach
+            click.echo("pgtrace: interrupted", err=True)
+            sys.exit(INTERRUPTED_EXIT)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _click_error_line(exc: click.ClickException) -> str:
+    """`pgtrace attach: invalid value for '-d' / '--duration': ... (see pgtrace attach -h)`."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "pgtrace"
+    msg = exc.format_message()
+    msg = msg[:1].lower() + msg[1:]
+    line = f"{where}: {' '.join(msg.split())}"
+    if isinstance(exc, click.UsageError):
+        line += f" (see {where} --help)"
+    return line
+
+
+@click.group(name="pgtrace", cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pgtrace")
 def cli() -> None:
     """Split every PostgreSQL request's latency into exact buckets with eBPF.
@@ -93,6 +159,12 @@ Examples:
   sudo pgtrace attach -p 4321 -p 4322 --duration 30 -o run.pgtrace
   sudo pgtrace attach -p 1234 --duration 60 --summary-json summary.json
   pgtrace report run.pgtrace                  # the same analysis, offline
+
+\b
+Before anything is attached, pgtrace checks every value (a bad one: one line, exit 2)
+and every output path (its directory exists and is writable, it is no input: exit 9).
+Outputs are written mode 0600, atomically, after the report is printed. Ctrl-C before
+tracing has started detaches everything and exits 130 without a report.
 """
 
 
@@ -100,18 +172,20 @@ Examples:
 @click.option("-p", "--pid", "pids", type=int, multiple=True, required=True,
               help="The postmaster (trace every client backend, present and future) "
               "or a backend pid (repeatable).")
-@click.option("-d", "--duration", type=float, help="Stop after this many seconds.")
+@click.option("-d", "--duration", type=SECONDS,
+              help=f"Stop after this many seconds ({SECONDS.range_text()}, a week).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the capture (one row per request, mode 0600) here.")
 @click.option("--summary-json", type=click.Path(dir_okay=False),
-              help="Write the summary as JSON here.")
+              help="Write the summary as JSON here (mode 0600).")
 @click.option("--query-text", is_flag=True,
               help="Keep query text in the capture (default: fingerprints only).")
 @click.option("--dsn", default=None,
               help="Connect here once a second for the timeline (pg_stat_wal, checkpointer "
-              "counters); without it only PSI is sampled.")
-@click.option("--sample-interval", type=click.FloatRange(min=0.05), default=1.0,
-              show_default=True, help="Seconds between timeline samples.")
+              "counters); without it only PSI is sampled. Checked at start (5 s timeout): "
+              "if it cannot connect, one warning line and no timeline.")
+@click.option("--sample-interval", type=SAMPLE_INTERVAL, default=1.0, show_default=True,
+              help=f"Seconds between timeline samples ({SAMPLE_INTERVAL.range_text()}).")
 @click.option("--stacks", is_flag=True,
               help="Sample on-CPU stacks (99 Hz) and record off-CPU stacks per bucket; "
               "written as folded stacks next to -o (CAPTURE.oncpu.folded, .offcpu.folded).")
@@ -120,8 +194,8 @@ Examples:
               "per wait) instead of the wait event read when a backend sleeps (the default "
               "where the server version's tranche ids are known).")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and exit.")
-@click.argument("interval", type=float, required=False)
-@click.argument("count", type=int, required=False)
+@click.argument("interval", type=INTERVAL, required=False, metavar="[INTERVAL]")
+@click.argument("count", type=LINES, required=False, metavar="[COUNT]")
 @_errors_to_exit
 def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
            summary_json: str | None, query_text: bool, dsn: str | None,
@@ -131,8 +205,9 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
 
     Buckets: cpu, runqueue, fsync, wal_write, lwlock:<tranche>, lock:<type>,
     io_read, io_write, other_wait, and the unexplained remainder; they sum to
-    each request's server time. Prints INTERVAL-second lines (COUNT of them)
-    if asked, and a report when it stops (Ctrl-C, SIGTERM, --duration).
+    each request's server time. Prints INTERVAL-second lines (0.1 to 86400) if
+    asked, COUNT of them (1 to 1000000), and a report when it stops (Ctrl-C,
+    SIGTERM, --duration).
     """
     if ebpf:
         from pgtrace.collect.loader import ProgramConfig, iter_sources
@@ -141,12 +216,18 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
         for name, text in iter_sources():
             click.echo(f"// ---- {name}\n{text}")
         return
+    outputs = _outputs(output, summary_json, stacks)
+    from pgtrace.outputs import check_outputs
+
+    check_outputs(outputs)
+    timeline_error = _check_dsn(dsn)
     from pgtrace.attach import AttachOptions, run_attach
     from pgtrace.report.live import interval_printer
     from pgtrace.report.text import render_text
 
     opts = AttachOptions(pids=list(pids), duration=duration, interval=interval,
-                         count=count, query_text=query_text, dsn=dsn, stacks=stacks,
+                         count=count, query_text=query_text,
+                         dsn=None if timeline_error else dsn, stacks=stacks,
                          sample_interval=sample_interval, lwlock_probes=lwlock_probes)
     printer = interval_printer(sys.stdout) if interval else None
 
@@ -158,41 +239,68 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
         click.echo(line, err=True)
 
     result = run_attach(opts, on_interval=printer, on_ready=ready, on_status=status)
-    _write_outputs(result.frame, result.summary, result.header, output, summary_json)
+    if timeline_error:
+        result.header["timeline_error"] = timeline_error
     render_text(result.frame, result.summary, sys.stdout, result.header)
     sys.stdout.flush()
-    click.echo(f"traced {result.summary['duration_s']:.1f} s; after it, converting the records "
-               f"took {result.conversion_s:.2f} s and the whole report "
-               f"{result.since_window_end():.2f} s", err=True)
+    try:
+        _write_outputs(outputs, result.frame, result.summary, result.header)
+    finally:
+        click.echo(f"traced {result.summary['duration_s']:.1f} s; after it, converting the "
+                   f"records took {result.conversion_s:.2f} s and the whole report "
+                   f"{result.since_window_end():.2f} s", err=True)
     if result.ended:
         raise ServerError(result.ended)
 
 
-def _write_outputs(frame: Any, summary: dict[str, Any], header: dict[str, Any],
-                   output: str | None, summary_json: str | None) -> None:
-    """Write the capture and the summary JSON where asked."""
+def _outputs(output: str | None, summary_json: str | None,
+             stacks: bool = False) -> dict[str, str | None]:
+    """Every file a tracing command will write, by the option that names it."""
+    out: dict[str, str | None] = {"-o": output, "--summary-json": summary_json}
+    if stacks and output:
+        for kind in ("oncpu", "offcpu"):
+            out[f"-o (--stacks, {kind})"] = f"{output}.{kind}.folded"
+    return out
+
+
+def _check_dsn(dsn: str | None) -> str | None:
+    """Why the timeline's --dsn does not work (warned on one line), or None."""
+    if dsn is None:
+        return None
+    from pgtrace.sampler import dsn_problem
+
+    problem = dsn_problem(dsn)
+    if problem is not None:
+        click.echo(f"pgtrace: warning: no timeline (server counters): cannot use --dsn: "
+                   f"{problem}", err=True)
+    return problem
+
+
+def _write_outputs(outputs: dict[str, str | None], frame: Any, summary: dict[str, Any],
+                   header: dict[str, Any]) -> None:
+    """Write each output asked for (mode 0600, atomically); one OutputError for failures."""
     import json
 
-    if output:
-        from pgtrace.capture import write_capture
+    from pgtrace.capture import write_capture
+    from pgtrace.outputs import write_private
 
-        write_capture(output, frame, header)
-    if summary_json:
-        with open(summary_json, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-
-
-def _write_folded(stacks: dict[str, Any], base: str) -> None:
-    """CAPTURE.oncpu.folded and CAPTURE.offcpu.folded, for flamegraph.pl or speedscope."""
-    import os
-
-    for kind in ("oncpu", "offcpu"):
-        path = f"{base}.{kind}.folded"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(line + "\n" for line in stacks.get(kind, []))
-        click.echo(f"wrote {path}", err=True)
+    failed: list[str] = []
+    for opt, path in outputs.items():
+        if path is None:
+            continue
+        try:
+            if opt == "-o":
+                write_capture(path, frame, header)
+            elif opt == "--summary-json":
+                write_private(path, json.dumps(summary, indent=2) + "\n")
+            else:  # folded stacks, for flamegraph.pl or speedscope
+                kind = "oncpu" if "oncpu" in opt else "offcpu"
+                lines = (header.get("stacks") or {}).get(kind, [])
+                write_private(path, "".join(line + "\n" for line in lines))
+        except OutputError as exc:
+            failed.append(exc.message)
+    if failed:
+        raise OutputError("; ".join(failed) + " (the report above is complete)")
 
 
 REPORT_EPILOG = """\b
@@ -202,6 +310,11 @@ Examples:
   pgtrace report run.pgtrace --format csv > requests.csv    # one row per request
   pgtrace report bigint.pgtrace uuidv4.pgtrace              # side by side, bucket by bucket
   pgtrace report run.pgtrace --format html -o report.html --png figures/
+
+\b
+-o is written mode 0600 and only once the report is complete (a temporary file renamed
+over it): a failure leaves an existing file as it was. -o naming one of the captures
+is refused (exit 9).
 """
 
 
@@ -210,9 +323,10 @@ Examples:
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "csv", "html"]),
               default="text", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Write here instead of standard output.")
+              help="Write here (mode 0600) instead of standard output.")
 @click.option("--png", "png_dir", type=click.Path(file_okay=False),
-              help="With --format html: also export each figure as PNG into this directory.")
+              help="With --format html: also export each figure as PNG (mode 0600) into "
+              "this directory.")
 @_errors_to_exit
 def report(captures: tuple[str, ...], fmt: str, output: str | None, png_dir: str | None) -> None:
     """Re-run the analysis of one or more captures offline (no root, no server).
@@ -221,12 +335,14 @@ def report(captures: tuple[str, ...], fmt: str, output: str | None, png_dir: str
     percentiles, the per-second timeline with checkpoints, WAL FPI and CPU
     pressure, fingerprints, waits, flame graphs and run metadata.
     """
+    from pgtrace.outputs import check_outputs, private_text
     from pgtrace.report.offline import render_report
 
+    check_outputs({"-o": output}, inputs=captures)
     if output is None:
         render_report(list(captures), fmt, sys.stdout, png_dir)
         return
-    with open(output, "w", encoding="utf-8") as f:
+    with private_text(output) as f:
         render_report(list(captures), fmt, f, png_dir)
 
 
@@ -236,6 +352,10 @@ Examples:
   sudo pgtrace run --workload insert-uuidv4 --runners 40 --connections 4
   sudo pgtrace run --dsn 'host=/var/run/postgresql dbname=test' --duration 30 -o run.pgtrace
   sudo pgtrace run --rate 5000 --summary-json run.json
+
+\b
+Values and output paths are checked before the cluster starts (exit 2 and 9); outputs
+are written mode 0600 after the report is printed.
 """
 
 
@@ -245,24 +365,30 @@ Examples:
 @click.option("--workload", default="insert-bigint", show_default=True,
               type=click.Choice(["insert-bigint", "insert-bigint-cache50", "insert-uuidv4",
                                  "insert-uuidv7", "insert-ulid"]))
-@click.option("--runners", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--connections", type=click.IntRange(min=1), default=None,
+@click.option("--runners", type=RUNNERS, default=40, show_default=True,
+              help=f"Concurrent logical workers ({RUNNERS.range_text()}).")
+@click.option("--connections", type=RUNNERS, default=None,
               help="Connections the runners share [default: runners].")
-@click.option("-d", "--duration", type=float, default=None, help="Seconds [default: 10].")
-@click.option("--count", type=click.IntRange(min=1), default=None, help="Requests to issue.")
-@click.option("--rate", type=float, default=None, help="Open loop at this many requests/s.")
-@click.option("--payload-bytes", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--batch-rows", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("-d", "--duration", type=SECONDS, default=None,
+              help=f"Seconds ({SECONDS.range_text()}) [default: 10, unless --count].")
+@click.option("--count", type=REQUESTS, default=None,
+              help=f"Requests to issue ({REQUESTS.range_text()}).")
+@click.option("--rate", type=RATE, default=None,
+              help=f"Open loop at this many requests/s ({RATE.range_text()}).")
+@click.option("--payload-bytes", type=PAYLOAD, default=0, show_default=True,
+              help=f"Text payload per row ({PAYLOAD.range_text()}; 0: NULL).")
+@click.option("--batch-rows", type=BATCH_ROWS, default=1, show_default=True,
               help="Rows per request: one multi-row INSERT (or one COPY with --copy).")
 @click.option("--copy", "use_copy", is_flag=True,
               help="Each request is COPY ... FROM STDIN of --batch-rows rows.")
-@click.option("--sql-file", type=click.Path(dir_okay=False),
+@click.option("--sql-file", type=click.Path(dir_okay=False, exists=True),
               help="Drive this statement instead of a workload (see `pgtrace load --help`).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--workers", type=WORKERS, default=1, show_default=True,
               help="Driver processes sharing the runners (when one cannot keep up).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the capture (server and client columns, mode 0600) here.")
-@click.option("--summary-json", type=click.Path(dir_okay=False), help="Write the summary here.")
+@click.option("--summary-json", type=click.Path(dir_okay=False),
+              help="Write the summary here (mode 0600).")
 @click.option("--query-text", is_flag=True, help="Keep query text in the capture.")
 @_errors_to_exit
 def run(dsn: str | None, workload: str, runners: int, connections: int | None,
@@ -276,6 +402,10 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
     request arrived), the server buckets, response_transit and client_wakeup
     (the driver waiting for a CPU after the answer arrived), unexplained.
     """
+    from pgtrace.outputs import check_outputs
+
+    outputs = _outputs(output, summary_json)
+    check_outputs(outputs, inputs=[sql_file] if sql_file else [])
     from pgtrace.report.offline import text_report
     from pgtrace.run import RunOptions, run_profile
 
@@ -287,25 +417,14 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
                                  workers=workers, batch_rows=batch_rows, copy=use_copy,
                                  sql_file=sql_file))
     header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
-    _write_outputs(out.frame, out.summary, header, output, summary_json)
     click.echo(f"({out.cluster_note})")
     text_report(out.frame, header, sys.stdout)  # as `pgtrace report` prints the capture
+    _write_outputs(outputs, out.frame, out.summary, header)
     if out.driver_exit:
         raise ServerError(
             f"the driver stopped with exit {out.driver_exit} (see its message above); "
             "the results so far are written"
         )
-
-
-def _register_driver() -> None:
-    """`pgtrace load` lives with the driver."""
-    from pgtrace.driver.command import load
-
-    cli.add_command(load)
-
-
-_register_driver()
-cli.add_command(__import__("pgtrace.lab.command", fromlist=["lab"]).lab)  # `pgtrace lab`
 
 
 def _resolve_binary(pid: int | None, binary: str | None) -> str:

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -80,25 +79,24 @@ def _installed_majors() -> list[int]:
 
 
 def server_major(bin_dir: str) -> int:
-    """The major version of ``<bin_dir>/postgres`` (e.g. 15)."""
-    out = subprocess.run(
-        [os.path.join(bin_dir, "postgres"), "--version"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    m = re.search(r"\b(\d+)(?:\.\d+)?", out)
-    if m is None:
-        raise EnvironmentError_(f"cannot tell the version of {bin_dir}/postgres: {out.strip()!r}")
-    return int(m.group(1))
+    """The major version of ``<bin_dir>/postgres`` (e.g. 15), read from the binary, not run."""
+    from pgtrace.errors import PgtraceError
+    from pgtrace.target import binary_version
+
+    try:
+        return binary_version(os.path.join(bin_dir, "postgres"))[1]
+    except PgtraceError as exc:
+        raise EnvironmentError_(f"cannot tell the version of {bin_dir}/postgres: "
+                                f"{exc.message}") from None
 
 
 def pkglibdir(bin_dir: str) -> str:
     """Where the server's extension libraries live (``pg_config --pkglibdir``)."""
     pg_config = os.path.join(bin_dir, "pg_config")
     if os.access(pg_config, os.X_OK):
-        res = subprocess.run(
-            [pg_config, "--pkglibdir"], capture_output=True, text=True, check=False
+        res = subprocess.run(  # as the server's user when we are root, like initdb
+            _as_owner([pg_config, "--pkglibdir"]), capture_output=True, text=True, check=False,
+            stdin=subprocess.DEVNULL, env=_server_env(), cwd="/",
         )
         if res.returncode == 0 and res.stdout.strip():
             return res.stdout.strip()

@@ -460,6 +460,61 @@ def check_usdt(path: str) -> list[Check]:
     return [usdt, required]
 
 
+def processes_running(binary: str) -> dict[int, int]:
+    """{pid: ppid} of every process whose executable is `binary` (same file)."""
+    try:
+        want = os.stat(binary)
+    except OSError:
+        return {}
+    from pgtrace.target import parse_stat
+
+    found: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{name}/exe")
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                continue
+            with open(f"/proc/{name}/stat") as f:
+                found[int(name)] = parse_stat(f.read())[2]
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+PROBE_SCOPE = (
+    "attach's uprobes and USDT probes (and their semaphores, ref_ctr_offset) go into every "
+    "process running {binary}, not only the traced cluster's"
+)
+
+
+def check_probe_scope(binary: str, pid: int | None) -> Check:
+    """Which processes beyond the target cluster take the uprobe traps while attached."""
+    running = processes_running(binary)
+    mine: set[int] = set()
+    if pid is not None:
+        from pgtrace.target import find_target
+
+        try:
+            t = find_target(pid)
+        except PgtraceError:
+            pass
+        else:
+            pm = t.postmaster_pid
+            mine = {pm} | {p for p, pp in running.items() if pp == pm}
+    others = {p: pp for p, pp in running.items() if p not in mine}
+    heads = sorted(p for p, pp in others.items() if pp not in others)
+    detail = PROBE_SCOPE.format(binary=binary)
+    if not others:
+        detail += ": no other process runs it now" if mine else ": no process runs it now"
+    else:
+        shown = ", ".join(map(str, heads[:5])) + (", ..." if len(heads) > 5 else "")
+        detail += (f": {len(others)} {'other ' if mine else ''}processes run it now "
+                   f"(parents {shown}) and pay the traps while pgtrace is attached")
+    return Check("probe-scope", True, detail)
+
+
 # ---------------------------------------------------------------- entry points
 
 
@@ -497,6 +552,7 @@ def run_checks(
     if path is not None:
         checks.append(check_binary(path))
         checks.extend(check_usdt(path))
+        checks.append(check_probe_scope(path, pid))
     return checks
 
 

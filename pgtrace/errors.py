@@ -78,3 +78,15 @@ class ServerError(PgtraceError):
     """The PostgreSQL server refused, vanished or failed."""
 
     exit_code = 7
+
+
+class OutputError(PgtraceError):
+    """An output file cannot be written: checked before tracing, or failed at the end."""
+
+    exit_code = 9
+
+
+class Interrupted(PgtraceError):
+    """Ctrl-C (SIGINT) or SIGTERM before tracing started: everything detached, nothing written."""
+
+    exit_code = 130

@@ -56,6 +56,30 @@ SERVER_COLUMNS = (
 )
 
 
+#: Seconds to wait for the server when connecting for the timeline (libpq's minimum is 2).
+CONNECT_TIMEOUT = 5
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=True, application_name="pgtrace sampler",
+                           connect_timeout=CONNECT_TIMEOUT)
+
+
+def _error_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why the timeline cannot sample through `dsn` (one line), or None when it can."""
+    try:
+        with _connect(dsn) as conn:
+            conn.execute(server_sql(conn.info.server_version).encode()).fetchone()
+    except psycopg.Error as exc:
+        return _error_line(exc)
+    return None
+
+
 def psi_total_us(resource: str) -> int | None:
     """Cumulative 'some' stall time of /proc/pressure/<resource>, in microseconds."""
     try:
@@ -85,11 +109,10 @@ class Sampler:
         """Begin sampling (the first sample is taken at once)."""
         if self.dsn is not None:
             try:
-                self._conn = psycopg.connect(self.dsn, autocommit=True,
-                                             application_name="pgtrace sampler")
+                self._conn = _connect(self.dsn)
                 self._sql = server_sql(self._conn.info.server_version)
             except psycopg.Error as exc:
-                self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.error = _error_line(exc)
         self._thread.start()
 
     def stop(self) -> list[dict[str, Any]]:
@@ -120,7 +143,7 @@ class Sampler:
             try:
                 values = self._conn.execute(self._sql.encode()).fetchone()
             except psycopg.Error as exc:
-                self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.error = _error_line(exc)
                 self._conn = None
             else:
                 if values is not None:

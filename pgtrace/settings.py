@@ -1,4 +1,9 @@
-"""Server settings read without a connection: `postgres -C NAME` with the postmaster's args."""
+"""Server settings read without a connection: `postgres -C NAME` with the postmaster's args.
+
+The server's binary runs as the data directory's owner (its uid, its gid, no supplementary
+groups, hence no capabilities), with an empty environment and no inherited descriptors;
+never as root, even when the data directory is root's.
+"""
 
 from __future__ import annotations
 
@@ -45,23 +50,32 @@ def server_settings(
     """
     try:
         args = postmaster_args(postmaster_pid)[1:]
-        owner = os.stat(data_dir).st_uid
+        st = os.stat(data_dir)
     except OSError:
         return {}
+    if st.st_uid == 0:
+        return {}  # PostgreSQL never runs as root: whatever runs here is not a server to trust
     out: dict[str, str] = {}
     for name in names:
         try:
-            res = subprocess.run(
-                [binary, *args, "-C", name],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                user=owner if os.geteuid() == 0 else None,
-                cwd="/",
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
+            res = run_as_owner([binary, *args, "-C", name], st.st_uid, st.st_gid)
+        except (OSError, subprocess.SubprocessError):
             continue
         if res.returncode == 0 and res.stdout.strip():
             out[name] = res.stdout.strip()
     return out
+
+
+def run_as_owner(cmd: list[str], uid: int, gid: int,
+                 timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    """Run `cmd` as uid:gid when we are root (as ourselves otherwise); never as uid 0."""
+    if uid == 0:
+        raise PermissionError("pgtrace runs nothing of a server's as root")
+    root = os.geteuid() == 0
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd="/",
+        stdin=subprocess.DEVNULL, close_fds=True,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "HOME": "/"},
+        user=uid if root else None, group=gid if root else None,
+        extra_groups=[] if root else None,
+    )

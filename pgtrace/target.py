@@ -9,7 +9,6 @@ import errno
 import os
 import platform
 import re
-import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -71,6 +70,11 @@ UNKNOWN = "unknown"
 # The host part of a backend title: "[local]" or "host(port)".
 _HOST_RE = re.compile(r"(?:^|\s)(?:\[local\]|\S+\(\d+\))(?:\s|$)")
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(\S*)")
+# In the binary's read-only data: what `postgres --version` prints (PG_BACKEND_VERSIONSTR),
+# and what SQL version() returns (PG_VERSION_STR); neither is ever executed to be read.
+_BACKEND_VERSIONSTR_RE = re.compile(rb"postgres \(PostgreSQL\) (\d+)([^\s\x00]*)")
+_VERSION_STR_RE = re.compile(rb"PostgreSQL (\d+)([^\s\x00]*)[^\x00]{0,200}? on [^\x00]{1,100}?, "
+                             rb"compiled by ")
 
 
 @dataclass(frozen=True)
@@ -396,7 +400,11 @@ def require_supported_binary(path: str, pm: int | None = None) -> str:
 
 
 def binary_version(path: str) -> tuple[str, int]:
-    """(version, major) of a postgres binary, from `<path> --version` (cached per file)."""
+    """(version, major) of a postgres binary, read from its .rodata (cached per file).
+
+    The binary is never run: when root profiles a cluster, the binary belongs to whoever
+    installed it. Both version strings PostgreSQL compiles in must agree.
+    """
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -404,22 +412,30 @@ def binary_version(path: str) -> tuple[str, int]:
     return _version_of(path, st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
+def versions_in(data: bytes) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """The versions named by PG_BACKEND_VERSIONSTR and by PG_VERSION_STR in `data`."""
+
+    def found(regex: re.Pattern[bytes]) -> set[tuple[str, int]]:
+        return {(m.group(1).decode() + m.group(2).decode("ascii", "replace"), int(m.group(1)))
+                for m in regex.finditer(data)}
+
+    return found(_BACKEND_VERSIONSTR_RE), found(_VERSION_STR_RE)
+
+
 @lru_cache(maxsize=16)
 def _version_of(path: str, dev: int, ino: int, mtime_ns: int) -> tuple[str, int]:
     del dev, ino, mtime_ns  # cache key only
-    try:
-        res = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TargetError(f"cannot run {path} --version: {exc}") from None
-    try:
-        return parse_version(res.stdout)
-    except ValueError:
-        printed = (res.stdout.strip() or res.stderr.strip()).partition("\n")[0]
-        raise TargetError(
-            f"{path} --version printed {printed!r}, not a PostgreSQL version"
-        ) from None
+    from pgtrace.elf.usdt import open_elf
+
+    with open_elf(path) as elf:
+        section = elf.get_section_by_name(".rodata")
+        data: bytes = section.data() if section is not None else b""
+    backend, full = versions_in(data)
+    if len(backend) != 1 or (full and full != backend):
+        seen = sorted(v for v, _m in backend | full)
+        what = f"names versions {', '.join(seen)}" if seen else "names no PostgreSQL version"
+        raise TargetError(f"{path} {what} in its read-only data: not a PostgreSQL server binary")
+    return next(iter(backend))
 
 
 def _running_version(pm: int, binary: str) -> tuple[str, int]:

@@ -10,12 +10,14 @@ from typing import Any
 import click
 import psycopg
 
+from pgtrace.cliargs import BATCH_ROWS, PAYLOAD, RATE, REQUESTS, RUNNERS, SECONDS, WORKERS
 from pgtrace.driver.runner import Progress, run_load
 from pgtrace.driver.summary import load_summary
 from pgtrace.driver.wire import server_error_line
 from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
 from pgtrace.driver.workloads import WORKLOADS
 from pgtrace.errors import PgtraceError, ServerError
+from pgtrace.outputs import check_outputs, private_binary, write_private
 
 LOAD_EPILOG = """\b
 Examples:
@@ -43,29 +45,31 @@ def _print_progress(p: Progress) -> None:
               help="libpq conninfo or URI; empty: PG* environment variables, as psql.")
 @click.option("--workload", "workload_name", type=click.Choice(list(WORKLOADS)),
               default="insert-bigint", show_default=True, help="Insert workload.")
-@click.option("--runners", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Concurrent logical workers.")
-@click.option("--connections", type=click.IntRange(min=1), default=None,
+@click.option("--runners", type=RUNNERS, default=8, show_default=True,
+              help=f"Concurrent logical workers ({RUNNERS.range_text()}).")
+@click.option("--connections", type=RUNNERS, default=None,
               help="Connections shared by the runners [default: runners].")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds to run [default: 10, unless --count].")
-@click.option("--count", type=click.IntRange(min=1), default=None, help="Requests to issue.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Open loop at this many requests/s in total (default: closed loop).")
-@click.option("--payload-bytes", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Text payload size per row (0: NULL).")
-@click.option("--batch-rows", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--duration", type=SECONDS, default=None,
+              help=f"Seconds to run ({SECONDS.range_text()}) [default: 10, unless --count].")
+@click.option("--count", type=REQUESTS, default=None,
+              help=f"Requests to issue ({REQUESTS.range_text()}).")
+@click.option("--rate", type=RATE, default=None,
+              help=f"Open loop at this many requests/s in total ({RATE.range_text()}; "
+              "default: closed loop).")
+@click.option("--payload-bytes", type=PAYLOAD, default=0, show_default=True,
+              help=f"Text payload size per row ({PAYLOAD.range_text()}; 0: NULL).")
+@click.option("--batch-rows", type=BATCH_ROWS, default=1, show_default=True,
               help="Rows per request: one multi-row INSERT (or one COPY with --copy).")
 @click.option("--copy", "use_copy", is_flag=True,
               help="Each request is COPY ... FROM STDIN of --batch-rows rows.")
-@click.option("--sql-file", type=click.Path(dir_okay=False),
+@click.option("--sql-file", type=click.Path(dir_okay=False, exists=True),
               help="Run this statement instead of a workload: pgbench-style "
               "'\\set name random(lo, hi)' lines, then one SQL statement using :name.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
-              help="Write the summary as JSON here.")
+              help="Write the summary as JSON here (mode 0600).")
 @click.option("--drop", is_flag=True, help="Drop the workload's table at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No live progress line.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--workers", type=WORKERS, default=1, show_default=True,
               help="Driver processes sharing the runners (when one cannot keep up).")
 @click.option("--frame-out", hidden=True, type=click.Path(dir_okay=False),
               help="Write the per-request frame (Parquet) here, for `pgtrace run`.")
@@ -85,6 +89,8 @@ def load(dsn: str, workload_name: str, runners: int, connections: int | None,
                     progress=not quiet, batch_rows=batch_rows, copy=use_copy,
                     sql_file=sql_file)
     try:
+        check_outputs({"--summary-json": summary_json, "--frame-out": frame_out},
+                      inputs=[sql_file] if sql_file else [])
         if workers > 1:
             _load_workers(spec, workers, summary_json)
             return
@@ -113,9 +119,7 @@ def _load_workers(spec: LoadSpec, workers: int, summary_json: str | None) -> Non
 
 def _write_summary(summary: dict[str, Any], path: str | None) -> None:
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        write_private(path, json.dumps(summary, indent=2) + "\n")
 
 
 def _result_line(name: str, summary: dict[str, Any]) -> None:
@@ -143,7 +147,8 @@ def _load(spec: LoadSpec, summary_json: str | None, drop: bool, frame_out: str |
                 click.echo(f"pgtrace: could not drop {workload.table}", err=True)
     summary = load_summary(result.frame, result.duration_s)
     if frame_out:
-        result.frame.assign(duration_s=result.duration_s).to_parquet(frame_out, index=False)
+        with private_binary(frame_out) as f:
+            result.frame.assign(duration_s=result.duration_s).to_parquet(f, index=False)
     _write_summary(summary, summary_json)
     _result_line(workload.name, summary)
     for line in result.first_errors[1:]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,7 +11,9 @@ from typing import Any, NoReturn
 
 import click
 
-from pgtrace.errors import PgtraceError
+from pgtrace.cliargs import SECONDS
+from pgtrace.errors import OutputError, PgtraceError
+from pgtrace.outputs import check_outputs, write_private
 
 LAB_EPILOG = """\b
 Examples:
@@ -77,11 +80,11 @@ def _progress_bar() -> Iterator[Callable[[Any], None]]:
               help="An existing local server (libpq conninfo); it is put back as it was. "
               "Default: a private throwaway cluster.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Write {experiment, rows, hypotheses} here.")
+              help="Write {experiment, rows, hypotheses} here (mode 0600).")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False),
               help="Write one capture per variant and runner level here (for pgtrace report).")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True),
-              help="Seconds per run, instead of the experiment's.")
+@click.option("--duration", type=SECONDS,
+              help=f"Seconds per run ({SECONDS.range_text()}), instead of the experiment's.")
 @click.option("--smoke", is_flag=True, hidden=True,
               help="Tiny scale (one low runner level, small tables), for tests.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -98,6 +101,10 @@ def run(name: str, quick: bool, dsn: str | None, json_path: str | None,
     opts = LabOptions(name=name, scale=scale, dsn=dsn, out_dir=output_dir, duration=duration)
     result: LabResult
     try:
+        check_outputs({"--json": json_path})
+        if output_dir is not None and os.path.exists(output_dir) and \
+                not os.path.isdir(output_dir):
+            raise OutputError(f"-o {output_dir} is not a directory")
         check_lab(opts)
         if no_progress:
             result = run_lab(opts)
@@ -106,7 +113,10 @@ def run(name: str, quick: bool, dsn: str | None, json_path: str | None,
                 result = run_lab(opts, update)
     except PgtraceError as exc:
         _fail(exc)
-    _print_result(result, scale, json_path)
+    try:
+        _print_result(result, scale, json_path)
+    except PgtraceError as exc:  # the JSON could not be written: the table is printed
+        _fail(exc)
 
 
 def _print_result(result: Any, scale: str, json_path: str | None) -> None:
@@ -129,6 +139,4 @@ def _print_result(result: Any, scale: str, json_path: str | None) -> None:
     if json_path:
         doc = document(exp.name, result.rows, result.hypotheses,
                        {"scale": scale, "notes": result.notes})
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        write_private(json_path, json.dumps(doc, indent=2) + "\n")

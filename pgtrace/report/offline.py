@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 import pandas as pd
@@ -12,7 +17,8 @@ from rich.table import Table
 from pgtrace.aggregate import capture_summary, compare_table, per_fingerprint, per_second
 from pgtrace.capture import read_capture
 from pgtrace.e2e import run_summary
-from pgtrace.errors import UsageError
+from pgtrace.errors import OutputError, UsageError
+from pgtrace.outputs import MODE
 from pgtrace.report.text import fmt_ns, render_e2e, render_text
 
 
@@ -35,13 +41,47 @@ def json_report(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def private_dir(final: str) -> Iterator[str]:
+    """A private (0700) directory inside `final` (created 0700) whose files are moved into
+    `final`, mode 0600, once the block succeeds; removed in any case (and `final` too
+    when it was made here and the block failed)."""
+    made = not os.path.exists(final)
+    try:
+        os.makedirs(final, exist_ok=True)
+        if made:
+            os.chmod(final, 0o700)
+        tmp = tempfile.mkdtemp(prefix=".pgtrace-", dir=final)
+    except OSError as exc:
+        raise OutputError(f"cannot write into {final}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        for name in sorted(os.listdir(tmp)):
+            src = os.path.join(tmp, name)
+            os.chmod(src, MODE)
+            os.replace(src, os.path.join(final, name))
+    except OSError as exc:
+        raise OutputError(f"cannot write into {final}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | None = None) -> None:
     """One capture: its report in `fmt`. Several: side by side (text, html) or a list (json)."""
     loaded = [(p, *read_capture(p)) for p in paths]
     if fmt == "html":
         from pgtrace.report.html import render_html
 
-        render_html(loaded, stream, png_dir=png_dir)
+        if png_dir is None:
+            render_html(loaded, stream)
+            return
+        with private_dir(png_dir) as tmp:
+            render_html(loaded, stream, png_dir=tmp)
         return
     if png_dir is not None:
         raise UsageError("--png goes with --format html")

@@ -30,7 +30,7 @@ MACHINE_CHECKS = [
     "bcc-load",
     "psi",
 ]
-TARGET_CHECKS = ["target", "engine", "binary", "usdt", "usdt-required"]
+TARGET_CHECKS = ["target", "engine", "binary", "usdt", "usdt-required", "probe-scope"]
 
 
 def _failures(checks: list[doctor.Check]) -> list[doctor.Check]:
@@ -58,6 +58,8 @@ def test_checks_with_a_live_server(pg_cluster: Any, pg_major: int) -> None:
     assert by["engine"].detail.startswith(
         f"LWLock waits from wait events (tranche ids of PostgreSQL {pg_major})"), by["engine"]
     assert by["usdt"].detail.endswith(os.path.realpath(f"{pg_cluster.bin_dir}/postgres"))
+    assert by["probe-scope"].detail.startswith("attach's uprobes and USDT probes (and their "
+                                               "semaphores, ref_ctr_offset) go into every ")
 
 
 def test_cli_json_with_a_live_server(pg_cluster: Any) -> None:
@@ -79,7 +81,7 @@ def test_cli_text(pg_bin: str | None) -> None:
     res = CliRunner().invoke(cli, ["doctor", "--binary", binary])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    assert len(lines) == len(MACHINE_CHECKS) + 3
+    assert len(lines) == len(MACHINE_CHECKS) + 4  # binary, usdt, usdt-required, probe-scope
     assert all(line.startswith("ok   ") for line in lines)
 
 

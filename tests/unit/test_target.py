@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -160,15 +161,60 @@ def _script(path: Path, body: str) -> str:
     return str(path)
 
 
-def test_binary_version_runs_the_binary(tmp_path: Path) -> None:
-    fake = _script(tmp_path / "postgres", "echo 'postgres (PostgreSQL) 16.4'")
+def _elf(tmp_path: Path, *strings: str, name: str = "postgres") -> str:
+    """A small x86_64 executable whose read-only data holds `strings`; running it would
+    create `ran` next to it."""
+    src = tmp_path / "fake.c"
+    decls = "".join(f"const char s{i}[] = {json.dumps(t)};\n" for i, t in enumerate(strings))
+    uses = "".join(f"puts(s{i});" for i in range(len(strings)))
+    src.write_text("#include <stdio.h>\n" + decls + "int main(void) { "
+                   f"fclose(fopen({json.dumps(str(tmp_path / 'ran'))}, \"w\")); {uses} "
+                   "return 0; }\n")
+    exe = tmp_path / name
+    subprocess.run(["gcc", "-O0", "-o", str(exe), str(src)], check=True)
+    return str(exe)
+
+
+def test_binary_version_is_read_not_run(tmp_path: Path) -> None:
+    """--version is what PG_BACKEND_VERSIONSTR says; the binary itself never runs."""
+    fake = _elf(tmp_path, "postgres (PostgreSQL) 16.4\n",
+                "PostgreSQL 16.4 on x86_64-pc-linux-gnu, compiled by gcc 12.2.0, 64-bit")
     assert binary_version(fake) == ("16.4", 16)
+    assert not (tmp_path / "ran").exists()
 
 
-def test_binary_version_of_a_non_postgres_binary(tmp_path: Path) -> None:
-    fake = _script(tmp_path / "postgres", "echo 'hello'")
-    with pytest.raises(TargetError, match="not a PostgreSQL version"):
+def test_binary_version_of_the_installed_server() -> None:
+    """Debian's 15 names itself `15.18 (Debian ...)` in both strings: the version is 15.x."""
+    version, major = binary_version("/usr/lib/postgresql/15/bin/postgres")
+    assert major == 15 and version.startswith("15.")
+
+
+@pytest.mark.parametrize(
+    ("strings", "why"),
+    [
+        (("hello",), "names no PostgreSQL version"),
+        (("postgres (PostgreSQL) 16.4\n",
+          "PostgreSQL 13.1 on x86_64-pc-linux-gnu, compiled by gcc, 64-bit"),
+         "names versions 13.1, 16.4"),
+        (("postgres (PostgreSQL) 16.4\n", "postgres (PostgreSQL) 17.0\n"),
+         "names versions 16.4, 17.0"),
+    ],
+)
+def test_binary_version_refuses_what_is_no_postgres(tmp_path: Path, strings: tuple[str, ...],
+                                                    why: str) -> None:
+    fake = _elf(tmp_path, *strings)
+    with pytest.raises(TargetError, match=why):
         binary_version(fake)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_binary_version_of_a_script_or_nothing(tmp_path: Path) -> None:
+    """A script that would print a version is not run: it is no ELF binary."""
+    fake = _script(tmp_path / "postgres", f"touch {tmp_path / 'ran'}; "
+                   "echo 'postgres (PostgreSQL) 16.4'")
+    with pytest.raises(TargetError, match="is not an ELF file"):
+        binary_version(fake)
+    assert not (tmp_path / "ran").exists()
     with pytest.raises(TargetError, match="cannot read"):
         binary_version(str(tmp_path / "absent"))
 
