@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pgtrace.cli import cli
-from pgtrace.collect import loader
+from pgtrace.collect.events import abi_header
 from pgtrace.errors import AbiMismatchError
 from tests.conftest import ClusterLike
 
@@ -29,9 +29,9 @@ def _bpf_fds() -> int:
 def test_drift_fails_attach_with_one_line(
     pg_cluster: ClusterLike, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real = loader.abi_header
+    real = abi_header
     # the C side of task_state grows a field the Python mirror does not know
-    monkeypatch.setattr(loader, "abi_header", lambda: real().replace(
+    monkeypatch.setattr("pgtrace.collect.loader.abi_header", lambda: real().replace(
         "\tu64 last_ts;", "\tu64 last_ts;\n\tu64 drifted;"))
     before = _bpf_fds()
     with pytest.raises(SystemExit) as exc:

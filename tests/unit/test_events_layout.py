@@ -190,8 +190,8 @@ def test_usdt_arg_structs_round_trip(compiled: dict[int, Any]) -> None:
 def test_drifted_c_fails_at_attach(monkeypatch: pytest.MonkeyPatch) -> None:
     """C that no longer matches the mirror (NLW redefined after the generated ABI) is
     refused by compile_program, the first step of every attach, with one line."""
-    real = loader.abi_header
-    monkeypatch.setattr(loader, "abi_header",
+    real = abi_header
+    monkeypatch.setattr("pgtrace.collect.loader.abi_header",
                         lambda: real().replace("#define NLW 4", "#define NLW 5"))
     with pytest.raises(AbiMismatchError) as exc:
         loader.compile_program(loader.ProgramConfig())
