@@ -248,9 +248,7 @@ def event_dtype(query_len: int = DEFAULT_QUERY_LEN) -> np.dtype[Any]:
 
 
 _TYPES = struct_types()
-LwSlot = _TYPES["lw_slot"]
 RunqEvent = _TYPES["runq_event"]
-CheckpointSpan = _TYPES["checkpoint_span"]
 ArgKey = _TYPES["argkey"]
 ArgSpecC = _TYPES["argspec"]
 
