@@ -68,6 +68,10 @@ class TracefsError(EnvironmentError_):
     """tracefs is not mounted."""
 
 
+class AbiMismatchError(EnvironmentError_):
+    """The compiled BPF records differ from pgtrace's Python mirror of them."""
+
+
 class CaptureError(PgtraceError):
     """A capture file is missing, corrupt or truncated."""
 

@@ -1,12 +1,12 @@
 """The attribution model as data: bucket names, their order, lock types, counters.
 
-Every bucket name is defined here once; probes/pgtrace.h uses the same order
-(B_* indices) and a test checks that the two agree.
+Every bucket name is defined here once; pgtrace/collect/events.py generates the
+C indices the probes use (B_*, CTX_*, C_*, FLAG_*, NLOCKTYPES) from these orders.
 """
 
 from __future__ import annotations
 
-#: Server buckets, in the order of req_event.buckets (B_* in pgtrace.h).
+#: Server buckets, in the order of req_event.buckets (B_*).
 SERVER_BUCKETS: tuple[str, ...] = (
     "cpu",
     "runqueue",
@@ -40,7 +40,7 @@ LOCK_TYPES: tuple[str, ...] = (
     "other",
 )
 
-#: Counters kept in the kernel (C_* in pgtrace.h). `aborted`: requests whose backend
+#: Counters kept in the kernel (C_*). `aborted`: requests whose backend
 #: exited inside them (recorded, flagged); `partial`: requests in flight at attach
 #: (recorded and flagged, or only counted where the backend's status entry was
 #: unreadable); `unanswered`: receives that opened no request, because the server
@@ -62,7 +62,7 @@ COUNTERS: tuple[str, ...] = (
     "unanswered",
 )
 
-#: Wait contexts (CTX_* in pgtrace.h), naming the runqueue:<context> columns:
+#: Wait contexts (CTX_*), naming the runqueue:<context> columns:
 #: run-queue time split by the context it interrupted.
 CONTEXTS: tuple[str, ...] = (
     "none",
@@ -76,11 +76,11 @@ CONTEXTS: tuple[str, ...] = (
 
 RUNQUEUE_PREFIX = "runqueue:"
 
-#: Per-request flags, as capture columns (FLAG_* in pgtrace.h): began before attach,
+#: Per-request flags, as capture columns (FLAG_*, bit i): began before attach,
 #: its backend exited inside it.
 FLAGS: tuple[str, ...] = ("partial", "aborted")
 
-#: Per-request counts of events, as capture columns.
+#: Per-request counts of events, as capture columns (the u32 fields of req_event, in order).
 COUNTS: tuple[str, ...] = (
     "n_lwlock",
     "n_lock",

@@ -1,10 +1,11 @@
 /*
- * pgtrace.h: event and per-task state shared by all pgtrace BPF programs.
+ * pgtrace.h: maps and helpers shared by all pgtrace BPF programs.
  *
- * One translation unit: the loader concatenates the *.bpf.c files it needs and
- * passes constants as -D flags (see pgtrace/collect/loader.py).  The Python
- * mirror of every struct here is pgtrace/collect/events.py, checked by a test
- * against what bcc compiled.
+ * One translation unit: the loader inlines the generated ABI (constants and
+ * record structs, defined once in pgtrace/collect/events.py), this file, then
+ * the *.bpf.c files, and passes the configuration as -D flags (see
+ * pgtrace/collect/loader.py), which compares the compiled layout of every
+ * map with the Python mirror at every attach.
  */
 #ifndef PGTRACE_H
 #define PGTRACE_H
@@ -12,219 +13,29 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
-/* ---- constants the loader must pass ------------------------------------ */
-#ifndef POSTMASTER_PID
-#define POSTMASTER_PID 0          /* 0: follow no forks (explicit backend pids) */
+#ifndef PGTRACE_ABI_H
+#error "the loader inlines the generated ABI (pgtrace/collect/events.py abi_header) first"
 #endif
-#ifndef QUERY_LEN
-#define QUERY_LEN 128             /* bytes of query text kept for fingerprinting */
+
+/* ---- constants the loader passes as -D flags (loader.py ProgramConfig.cflags) -------- */
+#if !defined(POSTMASTER_PID) || !defined(QUERY_LEN) || !defined(RINGBUF_PAGES) || \
+    !defined(CLIENT_RINGBUF_PAGES) || !defined(STATE_SLOTS) || !defined(STATE_RUNNING) || \
+    !defined(WAL_WRITE_IS_SYNC) || !defined(WAL_FLUSH_IS_FSYNC)
+#error "POSTMASTER_PID, QUERY_LEN, RINGBUF_PAGES, CLIENT_RINGBUF_PAGES, STATE_SLOTS, STATE_RUNNING, WAL_WRITE_IS_SYNC and WAL_FLUSH_IS_FSYNC must be passed"
 #endif
-#ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 1024
-#endif
-#ifndef STATE_RUNNING
-#define STATE_RUNNING 2           /* BackendState STATE_RUNNING (utils/backend_status.h) */
-#endif
-#ifndef WAL_WRITE_IS_SYNC
-#define WAL_WRITE_IS_SYNC 0       /* wal_sync_method open_datasync/open_sync */
-#endif
-#ifndef WAL_FLUSH_IS_FSYNC
-#define WAL_FLUSH_IS_FSYNC 0      /* wal_sync_method fsync: the flush is fsync(), not fdatasync() */
-#endif
-#ifndef CLIENT_RINGBUF_PAGES
-#define CLIENT_RINGBUF_PAGES 256
-#endif
-#ifndef STACK_ENTRIES
-#define STACK_ENTRIES 16384
-#endif
-#ifndef MAX_TASKS
-#define MAX_TASKS 16384           /* traced tasks whose state slot was taken (the spill map) */
-#endif
+/*
+ * POSTMASTER_PID: 0 follows no forks; QUERY_LEN: bytes of query text kept;
+ * STATE_SLOTS: a power of two, task states at pid & (STATE_SLOTS - 1);
+ * STATE_RUNNING: BackendState STATE_RUNNING (utils/backend_status.h);
+ * WAL_WRITE_IS_SYNC: wal_sync_method open_datasync/open_sync;
+ * WAL_FLUSH_IS_FSYNC: wal_sync_method fsync, the flush is fsync(), not fdatasync().
+ */
 #ifndef TASK_PID_OFF
 /* from the running kernel's BTF: the headers may be another build's (loader.py) */
 #error "TASK_PID_OFF (the offset of task_struct.pid) must be passed"
 #endif
-#ifndef STATE_SLOTS
-#define STATE_SLOTS 8192          /* power of two: task states at pid & (STATE_SLOTS - 1) */
-#endif
-
-
-/* ---- buckets: indices into req_event.buckets (mirrored in pgtrace/model.py) */
-#define B_CPU 0
-#define B_RUNQUEUE 1
-#define B_FSYNC 2
-#define B_WAL_WRITE 3
-#define B_LWLOCK 4
-#define B_LOCK 5
-#define B_IO_READ 6
-#define B_IO_WRITE 7
-#define B_OTHER_WAIT 8
-#define NBUCKETS 9
-
-/* wait contexts; the innermost one names the bucket of blocked/on-CPU time */
-#define CTX_NONE 0
-#define CTX_FSYNC 1
-#define CTX_WAL_WRITE 2
-#define CTX_LWLOCK 3
-#define CTX_LOCK 4
-#define CTX_IO_READ 5
-#define CTX_IO_WRITE 6
-#define NCTX 7
-#define MAXDEPTH 4
-
-/* scheduler mode of a traced task */
-#define MODE_ONCPU 0
-#define MODE_RUNQ 1
-#define MODE_BLOCKED 2
-
-/* request state of a traced task (request.bpf.c) */
-#define REQ_NONE 0     /* unknown: startup (before its first ReadyForQuery) */
-#define REQ_IDLE 1     /* nothing received that a ReadyForQuery will answer */
-#define REQ_BUSY 2     /* bytes received since, not yet answered */
-
-/* how a backend already running at attach starts (task_state.seed) */
-#define SEED_NONE 0     /* forked while traced, or resolved */
-#define SEED_PENDING 1  /* seeded at attach: its state is read at its next event */
-#define SEED_IDLE 2     /* its status entry said idle: a ReadyForQuery before any receive
-			   ends a request that was in flight at attach (partial) */
-#define SEED_UNKNOWN 3  /* status entry unreadable: its first answered request is counted
-			   `partial`, not recorded */
-
-/* req_event.flags */
-#define FLAG_PARTIAL 1  /* began before attach: its time is counted from attach on */
-#define FLAG_ABORTED 2  /* the backend exited inside it (error exit or killed) */
-
-/* counters: indices into the per-CPU `counters` array (mirrored in events.py) */
-#define C_REQUESTS 0
-#define C_LOST 1          /* ring buffer full: request record dropped */
-#define C_UNMATCHED 2     /* a wait "done" without its "start" */
-#define C_OVERFLOW 3      /* wait contexts nested deeper than MAXDEPTH */
-#define C_ABORTED 4       /* backend exited inside a request */
-#define C_FORKS 5
-#define C_BADARG 6        /* a USDT site whose argument spec was unknown */
-#define C_RETRIED 7       /* a record written on the second try */
-#define C_DEFERRED 8      /* a record handed over through the `deferred` map */
-#define C_CLIENT_LOST 9   /* a driver run-queue wait the ring buffer refused */
-#define C_RESYNCED 10     /* a running task whose switch-in the sched programs missed */
-#define C_PARTIAL 11      /* requests in flight at attach (recorded flagged, or only counted) */
-#define C_UNANSWERED 12   /* bytes received that opened no request: answered without a
-			     ReadyForQuery (a Flush), the backend idle when it waits again */
-#define NCOUNTERS 13
-
-#define NLW 4             /* LWLock tranches kept per request; more go to lw_other_ns */
-#define NLOCKTYPES 12     /* LockTagType values (storage/lock.h), the last one = other */
-
-#define ARG_REG 1
-#define ARG_MEM 2
-#define ARG_CONST 3
-
-struct lw_slot {
-	u64 tranche;          /* address of the tranche name in the server's memory */
-	u64 ns;
-	u32 count;
-	u32 pad;
-};
-
-/* One record per request: what leaves the kernel. */
-struct req_event {
-	u64 t_start;          /* CLOCK_MONOTONIC ns: request bytes received */
-	u64 t_end;            /* ReadyForQuery sent */
-	u64 wakeup_ns;        /* run-queue wait of the wake-up that delivered the request */
-	u64 seq;              /* per-backend request number */
-	u32 pid;
-	u32 depth_at_end;     /* wait contexts still open at the end (0 expected) */
-	u32 flags;            /* FLAG_* */
-	u32 pad0;
-	u64 buckets[NBUCKETS];
-	struct lw_slot lw[NLW];
-	u64 lw_other_ns;
-	u64 lock_ns[NLOCKTYPES];
-	u32 n_lwlock;
-	u32 n_lock;
-	u32 n_fsync;
-	u32 n_wal_write;
-	u32 n_read;
-	u32 n_write;
-	u32 n_vcsw;           /* voluntary context switches */
-	u32 n_ivcsw;          /* preemptions */
-	u64 rq_ctx[NCTX];     /* runqueue split by the context it interrupted (CTX_*) */
-	char query[QUERY_LEN];
-};
-
-/* A checkpoint of the traced cluster: [start, end), end 0 while it runs. */
-struct checkpoint_span {
-	u64 start;
-	u64 end;
-};
-#define NCHECKPOINTS 64
-
-/* A run-queue wait of a driver (client) thread: [start, end). */
-struct runq_event {
-	u64 start;
-	u64 end;
-	u32 pid;
-	u32 pad;
-};
-
-/* who opened a wait context, and so who closes it */
-#define ORIGIN_PROBE 0    /* a USDT start probe: its done probe */
-#define ORIGIN_SYSCALL 1  /* a syscall enter: its exit */
-#define ORIGIN_SCHED 2    /* a switch-out, from the wait event: the switch-in */
-
-struct ctx_entry {
-	u64 tranche;          /* LWLock: TRANCHE_ID_FLAG | tranche id, or the name's address */
-	u8 kind;
-	u8 locktype;
-	u8 origin;
-	u8 pad[5];
-};
-
-/* tranche ids (from wait_event_info) vs name addresses (USDT argument) */
-#define TRANCHE_ID_FLAG (1ULL << 63)
-
-struct task_state {
-	u64 last_ts;          /* last time charged */
-	u64 wake_ts;          /* when the last wake-up made it runnable */
-	u64 wake_runq_ns;     /* run-queue wait of that wake-up, once it ran */
-	s32 wal_fd;           /* fd of the open WAL segment, -1 if none */
-	s32 init_fd;          /* fd of a WAL segment being created (xlogtemp.*), -1 if none */
-	u8 mode;
-	u8 req;
-	u8 depth;
-	u8 overflow;
-	u8 opening_wal;       /* 1: opening a WAL segment, 2: a new one (xlogtemp.*) */
-	u8 ending;            /* inside ReadyForQuery: its send ends the request */
-	u8 is_client;         /* a driver thread: report its run-queue waits */
-	u8 resending;         /* a send that carried ReadyForQuery is not complete yet */
-	u32 pid;              /* the task this state belongs to (0: a free slot) */
-	u64 sent_tail;        /* the last 6 bytes sent, big-endian in the low 48 bits */
-	u64 resend_len;       /* bytes of that send still to go out */
-	u64 activity_raw;     /* the backend's st_activity_raw, once read (fixed for its life) */
-	u64 wait_event_ptr;   /* its my_wait_event_info target, once read after a request */
-	s32 recv_fd;          /* the fd of the receive in progress, -1 if none */
-	u8 seed;              /* SEED_* */
-	u8 partial;           /* the open request began before attach */
-	u8 exit_clean;        /* exit_group(0) seen: a clean end (Terminate) */
-	s32 off_ustack;       /* with stacks: user stack where it last blocked */
-	s32 off_kstack;       /* with stacks: kernel stack where it last blocked */
-	struct ctx_entry stack[MAXDEPTH];
-	struct req_event acc;
-};
-
-struct argspec {
-	s64 off;              /* memory displacement or constant */
-	u8 kind;
-	u8 size;
-	u8 is_signed;
-	u8 reg;               /* index of the register in struct pt_regs, as u64 words */
-	u32 pad;
-};
-
-struct argkey {
-	u64 ip;               /* runtime address of the USDT site */
-	u32 argno;            /* 0-based */
-	u32 pad;
-};
+#define STACK_ENTRIES 16384
+#define MAX_TASKS 16384           /* traced tasks whose state slot was taken (the spill map) */
 
 /*
  * Traced tasks.  A task's state lives in `states` at its pid's slot, found
@@ -243,7 +54,7 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_RINGBUF_OUTPUT(client_runq, CLIENT_RINGBUF_PAGES);
 /* records the ring buffer refused: pgtrace reads and deletes them, key pid<<32|seq */
 BPF_HASH(deferred, u64, struct req_event, 1024);
-/* never written: lets the loader compare bcc's layout with events.py */
+/* never written: lets the loader compare the compiled record layouts with events.py */
 BPF_ARRAY(layout_req_event, struct req_event, 1);
 BPF_ARRAY(layout_runq_event, struct runq_event, 1);
 /* the last NCHECKPOINTS checkpoints, slot = number % NCHECKPOINTS; slot NCHECKPOINTS counts */
@@ -346,12 +157,6 @@ static __always_inline u32 bucket_of(struct task_state *st, u8 *kind)
 
 #ifdef WITH_STACKS
 /* Stacks for flame graphs (stacks.bpf.c): on-CPU samples, off-CPU time by bucket. */
-struct stack_key {
-	s32 ustack;
-	s32 kstack;
-	u32 bucket;           /* off-CPU: the bucket the blocked time went to */
-	u32 pad;
-};
 BPF_STACK_TRACE(stack_traces, STACK_ENTRIES);
 BPF_HASH(oncpu_samples, struct stack_key, u64, 16384);
 BPF_HASH(offcpu_ns, struct stack_key, u64, 16384);

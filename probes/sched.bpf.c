@@ -30,7 +30,6 @@
 #define PG_WAIT_LWLOCK 0x01000000U
 #define PG_WAIT_LOCK 0x03000000U
 #define PG_WAIT_IO 0x0A000000U
-#define NIO_EVENTS 256
 
 /* IO-class wait event id -> CTX_* (0: none), filled by the loader per version */
 BPF_ARRAY(io_wait_ctx, u8, NIO_EVENTS);

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from pgtrace.collect.events import RunqEvent, event_dtype
-from pgtrace.collect.waitevent import TRANCHE_ID_FLAG, tranche_name
+from pgtrace.collect.events import TRANCHE_ID_FLAG, RunqEvent, event_dtype
+from pgtrace.collect.waitevent import tranche_name
 from pgtrace.fingerprint import fingerprint, normalize
 from pgtrace.model import (
     CONTEXTS,

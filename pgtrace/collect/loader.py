@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from pgtrace.collect.btf import VMLINUX_BTF, BtfError, member_offset
-from pgtrace.collect.events import ARG_CONST, ARG_MEM, ARG_REG, PT_REGS, ArgKey, ArgSpecC
+from pgtrace.collect.events import (
+    DEFAULT_QUERY_LEN,
+    PT_REGS,
+    Arg,
+    ArgKey,
+    ArgSpecC,
+    abi_header,
+    check_layout,
+)
 from pgtrace.elf.symbols import symbol_offset
 from pgtrace.elf.usdt import ProbeSite, probes_by_name, read_probes
 from pgtrace.errors import (
@@ -67,10 +75,10 @@ REQUIRED_USDT = ("lwlock__wait__start", "lwlock__wait__done")
 
 BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1
 
-#: Pages of the driver run-queue ring buffer (CLIENT_RINGBUF_PAGES in pgtrace.h).
+#: Pages of the driver run-queue ring buffer (-DCLIENT_RINGBUF_PAGES).
 CLIENT_RINGBUF_PAGES = 256
 
-#: Task state slots, by pid & (STATE_SLOTS - 1) (STATE_SLOTS in pgtrace.h).
+#: Task state slots, by pid & (STATE_SLOTS - 1) (-DSTATE_SLOTS).
 STATE_SLOTS = 8192
 
 
@@ -122,7 +130,7 @@ class ProgramConfig:
     """The -D constants a program is compiled with."""
 
     postmaster_pid: int = 0
-    query_len: int = 128
+    query_len: int = DEFAULT_QUERY_LEN
     ringbuf_pages: int = 4096
     state_running: int = 2
     wal_write_is_sync: bool = False
@@ -198,14 +206,12 @@ def task_pid_flag(btf_path: str = VMLINUX_BTF) -> str:
 
 
 def program_text() -> str:
-    """The BPF program: the shared header, then each family's file.
+    """The BPF program: the generated ABI, the shared header, then each family's file.
 
     bcc rewrites map calls only in the main text, so the header is inlined
     first; its include guard turns the files' own #include into a no-op.
     """
-    parts = [(PROBES_DIR / "pgtrace.h").read_text()]
-    parts += [(PROBES_DIR / name).read_text() for name in SOURCES]
-    return "\n".join(parts)
+    return "\n".join(text for _name, text in iter_sources())
 
 
 @dataclass
@@ -288,18 +294,18 @@ def text_bias(binary: str, pid: int, offset: int) -> int:
     raise NoProbesError(f"{binary} offset {offset:#x} is not mapped in pid {pid}")
 
 
-def arg_spec(site: ProbeSite, argno: int) -> ArgSpecC | None:
+def arg_spec(site: ProbeSite, argno: int) -> ct.Structure | None:
     """The C argspec for one argument of a site, or None if unreadable."""
     if argno >= len(site.args):
         return None
     a = site.args[argno]
     spec = ArgSpecC(size=a.size, is_signed=int(a.signed))
     if a.kind == "const":
-        spec.kind, spec.off = ARG_CONST, a.constant
+        spec.kind, spec.off = Arg.CONST, a.constant
         return spec
     if a.kind not in ("reg", "mem") or a.reg is None or a.reg not in PT_REGS:
         return None
-    spec.kind = ARG_REG if a.kind == "reg" else ARG_MEM
+    spec.kind = Arg.REG if a.kind == "reg" else Arg.MEM
     spec.reg = PT_REGS.index(a.reg)
     spec.off = a.offset
     return spec
@@ -315,12 +321,20 @@ def preflight() -> Any:
 
 
 def compile_program(config: ProgramConfig) -> Any:
-    """Compile and load the programs; tracepoints attach as bcc loads them."""
+    """Compile and load the programs, and check their maps' layout against the Python
+    mirror (AbiMismatchError, the programs closed); tracepoints attach as bcc loads them."""
     bcc = preflight()
     try:
-        return bcc.BPF(text=program_text(), cflags=config.cflags())
+        bpf = bcc.BPF(text=program_text(), cflags=config.cflags())
     except Exception as exc:
         raise EnvironmentError_(f"bcc could not load pgtrace's BPF programs: {exc}") from exc
+    try:
+        check_layout(bpf, config.query_len, stacks=config.stacks,
+                     io_map=bool(config.wait_event_addr))
+    except BaseException:
+        bpf.cleanup()
+        raise
+    return bpf
 
 
 def usdt_sites(binary: str) -> dict[str, list[ProbeSite]]:
@@ -383,7 +397,8 @@ def attach_all(
 
 
 def iter_sources() -> Iterator[tuple[str, str]]:
-    """(file name, text) of every probe source, for --ebpf."""
+    """(file name, text) of every probe source, the generated ABI first (also for --ebpf)."""
+    yield "pgtrace_abi.h", abi_header()
     yield "pgtrace.h", (PROBES_DIR / "pgtrace.h").read_text()
     for name in SOURCES:
         yield name, (PROBES_DIR / name).read_text()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pgtrace.collect.events import NCHECKPOINTS, RunqEvent, event_dtype
+from pgtrace.collect.events import NCHECKPOINTS, Mode, Req, RunqEvent, Seed, event_dtype
 from pgtrace.collect.loader import (
     CLIENT_RINGBUF_PAGES,
     STATE_SLOTS,
@@ -32,9 +32,6 @@ from pgtrace.elf.usdt import ProbeSite
 from pgtrace.model import COUNTERS
 from pgtrace.target import CLIENT, backend_kind, list_backends, title_of
 
-MODE_ONCPU, MODE_BLOCKED = 0, 2
-#: REQ_IDLE and SEED_PENDING (pgtrace.h): an existing backend's state is read at its next event
-REQ_IDLE, SEED_PENDING = 1, 1
 _WAL_NAME = re.compile(r"/pg_wal/[0-9A-F]{24}$")
 
 
@@ -182,9 +179,9 @@ class TraceSession:
         for pid in pids:
             leaf = self._leaf()
             leaf.wal_fd = wal_fd_of(pid)
-            leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
+            leaf.mode = Mode.ONCPU if _running(pid) else Mode.BLOCKED
             if _is_client(pid):  # a session: its state is read at its next event
-                leaf.req, leaf.seed = REQ_IDLE, SEED_PENDING
+                leaf.req, leaf.seed = Req.IDLE, Seed.PENDING
                 leaf.acc.t_start = leaf.last_ts = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             self._track(pid, leaf)
             added.append(pid)
@@ -199,7 +196,7 @@ class TraceSession:
         for pid in pids:
             leaf = self._leaf()
             leaf.is_client = 1
-            leaf.mode = MODE_ONCPU if _running(pid) else MODE_BLOCKED
+            leaf.mode = Mode.ONCPU if _running(pid) else Mode.BLOCKED
             self._track(pid, leaf, replace=True)
 
     def _leaf(self) -> Any:

@@ -17,12 +17,6 @@ from pgtrace.elf.symbols import object_address
 from pgtrace.model import CONTEXTS
 from pgtrace.tranche_table import IO_EVENTS, TRANCHES
 
-#: req_event lw slots hold TRANCHE_ID_FLAG | id when the tranche came from a wait event.
-TRANCHE_ID_FLAG = 1 << 63
-
-#: IO event ids the BPF map covers (NIO_EVENTS in sched.bpf.c).
-NIO_EVENTS = 256
-
 
 def supported(major: int) -> bool:
     """Whether this major version's tranche and IO event ids are known."""

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from pgtrace.collect.events import NIO_EVENTS, TRANCHE_ID_FLAG
 from pgtrace.collect.waitevent import (
-    TRANCHE_ID_FLAG,
     io_contexts,
     io_wait_context,
     supported,
@@ -49,6 +49,8 @@ def test_extension_tranches_are_named_by_id() -> None:
     assert tranche_name(99, 8) == "extension:8"  # unknown version: no table
     assert not supported(14) and not supported(16) and supported(15)
     assert TRANCHE_ID_FLAG == 1 << 63
+    # every known IO wait event id has its slot in the BPF map
+    assert all(len(io_contexts(major)) <= NIO_EVENTS for major in IO_EVENTS)
 
 
 def test_io_wait_contexts() -> None:
