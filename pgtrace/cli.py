@@ -114,7 +114,12 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors_to_exit
 def doctor(pid: int | None, binary: str | None, as_json: bool) -> None:
-    """Check that this machine and server can be traced; print the fix for each failure."""
+    """Check that this machine and server can be traced; print the fix for each failure.
+
+    The first checks (privileges to headers) are the ones attach, run and lab run stop
+    at, in the same order; then bcc (imported, a test program compiled), PSI, and with
+    --pid or --binary the server, its binary and the USDT probes attach requires.
+    """
     from pgtrace.doctor import render_checks, run_checks
 
     checks = run_checks(pid=pid, binary=binary)
