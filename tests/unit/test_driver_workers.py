@@ -91,3 +91,16 @@ def test_the_decorator_builds_the_spec() -> None:
     assert _spec_of(["--count", "3", "--quiet"]) == LoadSpec(runners=5, duration=None,
                                                              count=3, progress=False)
     assert _spec_of(["-d", "2", "--copy", "--dsn", "x"]).copy
+
+
+def test_the_cli_imports_no_heavy_module() -> None:
+    """The shared driver options keep `pgtrace` light to start: a Ctrl-C while the heavy
+    modules load is already the CLI's (one line, exit 130)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pgtrace.cli; "
+            "print(','.join(m for m in ('psycopg', 'pandas', 'numpy', 'bcc') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert res.stdout.strip() == ""
