@@ -11,7 +11,7 @@ import pandas as pd
 
 from pgtrace.driver.options import LoadSpec
 
-__all__ = ["LoadSpec", "join_workers", "split", "start_workers", "worker_count", "worker_specs"]
+__all__ = ["join_workers", "split", "start_workers", "worker_count", "worker_specs"]
 
 #: A worker: `pgtrace load` reading its LoadSpec (JSON) from stdin, writing its frame to a
 #: file: the spec travels as data (never back through argv; a DSN's password stays out of
