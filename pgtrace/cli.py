@@ -3,43 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from pgtrace import __version__
-from pgtrace.cliargs import (
-    BATCH_ROWS,
-    INTERVAL,
-    LINES,
-    PAYLOAD,
-    RATE,
-    REQUESTS,
-    RUNNERS,
-    SAMPLE_INTERVAL,
-    SECONDS,
-    WORKERS,
-)
-from pgtrace.errors import OutputError, PgtraceError, ServerError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _errors_to_exit(func: F) -> F:
-    """Turn PgtraceError into one line on stderr and its exit code."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except PgtraceError as exc:
-            click.echo(exc.line(), err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper  # type: ignore[return-value]
-
+from pgtrace.cliargs import INTERVAL, LINES, SAMPLE_INTERVAL, SECONDS
+from pgtrace.cliargs import errors_to_exit as _errors_to_exit
+from pgtrace.driver.options import RUN_RUNNERS, LoadSpec, driver_options
+from pgtrace.errors import OutputError, ServerError
 
 INTERRUPTED_EXIT = 130
 
@@ -142,7 +114,12 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors_to_exit
 def doctor(pid: int | None, binary: str | None, as_json: bool) -> None:
-    """Check that this machine and server can be traced; print the fix for each failure."""
+    """Check that this machine and server can be traced; print the fix for each failure.
+
+    The first checks (privileges to headers) are the ones attach, run and lab run stop
+    at, in the same order; then bcc (imported, a test program compiled), PSI, and with
+    --pid or --binary the server, its binary and the USDT probes attach requires.
+    """
     from pgtrace.doctor import render_checks, run_checks
 
     checks = run_checks(pid=pid, binary=binary)
@@ -360,41 +337,15 @@ are written mode 0600 after the report is printed.
 
 
 @cli.command(epilog=RUN_EPILOG)
-@click.option("--dsn", default=None,
-              help="A local server (libpq conninfo). Default: a private throwaway cluster.")
-@click.option("--workload", default="insert-bigint", show_default=True,
-              type=click.Choice(["insert-bigint", "insert-bigint-cache50", "insert-uuidv4",
-                                 "insert-uuidv7", "insert-ulid"]))
-@click.option("--runners", type=RUNNERS, default=40, show_default=True,
-              help=f"Concurrent logical workers ({RUNNERS.range_text()}).")
-@click.option("--connections", type=RUNNERS, default=None,
-              help="Connections the runners share [default: runners].")
-@click.option("-d", "--duration", type=SECONDS, default=None,
-              help=f"Seconds ({SECONDS.range_text()}) [default: 10, unless --count].")
-@click.option("--count", type=REQUESTS, default=None,
-              help=f"Requests to issue ({REQUESTS.range_text()}).")
-@click.option("--rate", type=RATE, default=None,
-              help=f"Open loop at this many requests/s ({RATE.range_text()}).")
-@click.option("--payload-bytes", type=PAYLOAD, default=0, show_default=True,
-              help=f"Text payload per row ({PAYLOAD.range_text()}; 0: NULL).")
-@click.option("--batch-rows", type=BATCH_ROWS, default=1, show_default=True,
-              help="Rows per request: one multi-row INSERT (or one COPY with --copy).")
-@click.option("--copy", "use_copy", is_flag=True,
-              help="Each request is COPY ... FROM STDIN of --batch-rows rows.")
-@click.option("--sql-file", type=click.Path(dir_okay=False, exists=True),
-              help="Drive this statement instead of a workload (see `pgtrace load --help`).")
-@click.option("--workers", type=WORKERS, default=1, show_default=True,
-              help="Driver processes sharing the runners (when one cannot keep up).")
+@driver_options(runners=RUN_RUNNERS, dsn_help="A local server (libpq conninfo). Default: a "
+                "private throwaway cluster.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the capture (server and client columns, mode 0600) here.")
 @click.option("--summary-json", type=click.Path(dir_okay=False),
               help="Write the summary here (mode 0600).")
 @click.option("--query-text", is_flag=True, help="Keep query text in the capture.")
 @_errors_to_exit
-def run(dsn: str | None, workload: str, runners: int, connections: int | None,
-        duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-        batch_rows: int, use_copy: bool, sql_file: str | None, workers: int,
-        output: str | None, summary_json: str | None, query_text: bool) -> None:
+def run(spec: LoadSpec, output: str | None, summary_json: str | None, query_text: bool) -> None:
     """Run the built-in insert driver under the engine; split every client request end to end.
 
     Buckets: client_queue (waiting for a free connection in the driver),
@@ -405,17 +356,11 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
     from pgtrace.outputs import check_outputs
 
     outputs = _outputs(output, summary_json)
-    check_outputs(outputs, inputs=[sql_file] if sql_file else [])
+    check_outputs(outputs, inputs=[spec.sql_file] if spec.sql_file else [])
     from pgtrace.report.offline import text_report
     from pgtrace.run import RunOptions, run_profile
 
-    if duration is None and count is None:
-        duration = 10.0
-    out = run_profile(RunOptions(dsn=dsn, workload=workload, runners=runners,
-                                 connections=connections, duration=duration, count=count,
-                                 rate=rate, payload_bytes=payload_bytes, query_text=query_text,
-                                 workers=workers, batch_rows=batch_rows, copy=use_copy,
-                                 sql_file=sql_file))
+    out = run_profile(RunOptions(load=spec, query_text=query_text))
     header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
     click.echo(f"({out.cluster_note})")
     text_report(out.frame, header, sys.stdout)  # as `pgtrace report` prints the capture

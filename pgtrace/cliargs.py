@@ -1,11 +1,33 @@
-"""Numeric command-line values: finite, in a sane range, refused by the parser before any work."""
+"""Command-line plumbing shared by every command: numeric values (finite, in a sane range,
+refused by the parser before any work) and the one path from an error to its exit code."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
 
 import click
+
+from pgtrace.errors import PgtraceError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def errors_to_exit(func: F) -> F:
+    """Turn PgtraceError into one line on stderr and its exit code (every command)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PgtraceError as exc:
+            click.echo(exc.line(), err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
 
 WEEK_S = 7 * 24 * 3600
 DAY_S = 24 * 3600

@@ -1,56 +1,27 @@
-"""Environment checks: can this machine (and this server) be traced, and if not, the fix."""
+"""`pgtrace doctor`: can this machine (and this server) be traced, and if not, the fix.
+
+It prints preflight's checks (the ones `attach` runs and stops at), then its own: bcc
+imported and a test program compiled (in a child process), PSI, and with --pid/--binary
+the server: its cluster, binary, USDT probes and who else runs the binary.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TextIO
 
 from pgtrace.errors import PgtraceError
+from pgtrace.preflight import TRACEPOINTS, Check, machine_checks
 
-MIN_KERNEL = (5, 8)  # BPF ring buffers
-CAP_SYS_ADMIN = 21
-CAP_PERFMON = 38
-CAP_BPF = 39
+__all__ = ["TRACEPOINTS", "Check", "render_checks", "run_checks"]
 
-PROC_STATUS = "/proc/self/status"
-BTF_PATH = "/sys/kernel/btf/vmlinux"
-UPROBE_PMU = "/sys/bus/event_source/devices/uprobe/type"
 PSI_CPU = "/proc/pressure/cpu"
 SYSTEM_BCC = "/usr/lib/python3/dist-packages/bcc"
 
-def _raw_category(name: str) -> str:
-    """The tracefs category of a raw tracepoint the probes use."""
-    return "raw_syscalls" if name in ("sys_enter", "sys_exit") else "sched"
-
-
-def _probe_tracepoints() -> tuple[str, ...]:
-    """Every tracepoint the BPF programs in probes/ attach to (cat:name)."""
-    from pgtrace.collect.loader import iter_sources
-
-    found = set()
-    for _file, text in iter_sources():
-        found |= {f"{cat}:{name}"
-                  for cat, name in re.findall(r"\bTRACEPOINT_PROBE\((\w+),\s*(\w+)\)", text)}
-        found |= {f"{_raw_category(name)}:{name}"
-                  for name in re.findall(r"\bRAW_TRACEPOINT_PROBE\((\w+)\)", text)}
-    return tuple(sorted(found))
-
-
-TRACEPOINTS: tuple[str, ...] = _probe_tracepoints()
-REQUIRED_PROBES: tuple[str, ...] = (
-    "lwlock__wait__start",
-    "lwlock__wait__done",
-    "lock__wait__start",
-    "lock__wait__done",
-    "query__start",
-)
-
-SUDO_FIX = "sudo pgtrace doctor"
 BCC_FIX = (
     "apt-get install python3-bpfcc, and make the venv with "
     "/usr/bin/python3 -m venv --system-site-packages .venv"
@@ -78,41 +49,6 @@ sys.stdout.write(getattr(bcc, "__version__", "?") + " " + os.path.dirname(bcc.__
 """
 
 
-@dataclass(frozen=True)
-class Check:
-    """One check: its name, whether it passed, what was seen, and the fix if it failed."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str | None = None
-
-
-# ---------------------------------------------------------------- pure helpers
-
-
-def kernel_version(release: str) -> tuple[int, int]:
-    """(major, minor) from a uname release like "6.18.44-fc-v769"."""
-    m = re.match(r"(\d+)\.(\d+)", release)
-    if not m:
-        raise ValueError(f"unrecognised kernel release {release!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def effective_caps(status_text: str) -> int:
-    """The CapEff bit mask from the text of /proc/PID/status (0 if absent)."""
-    for line in status_text.splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
-def has_trace_caps(caps: int) -> bool:
-    """True when the mask allows loading BPF and attaching probes."""
-    bpf_perfmon = (1 << CAP_BPF) | (1 << CAP_PERFMON)
-    return bool(caps & (1 << CAP_SYS_ADMIN)) or (caps & bpf_perfmon) == bpf_perfmon
-
-
 def _first_error_line(text: str) -> str:
     """The most telling line of a failed subprocess's stderr."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -122,169 +58,7 @@ def _first_error_line(text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-# ---------------------------------------------------------------- individual checks
-
-
-def check_privileges() -> Check:
-    """Root, or CAP_BPF + CAP_PERFMON, in the effective set."""
-    try:
-        with open(PROC_STATUS) as f:
-            caps = effective_caps(f.read())
-    except OSError as exc:
-        return Check("privileges", False, f"cannot read {PROC_STATUS}: {exc.strerror}", SUDO_FIX)
-    uid = os.geteuid()
-    names = [
-        n
-        for bit, n in (
-            (CAP_BPF, "CAP_BPF"),
-            (CAP_PERFMON, "CAP_PERFMON"),
-            (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-        )
-        if caps & (1 << bit)
-    ]
-    who = "root" if uid == 0 else f"uid {uid}"
-    if has_trace_caps(caps):
-        return Check("privileges", True, f"{who}, effective {'+'.join(names)}")
-    return Check(
-        "privileges", False, f"{who} without CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN)", SUDO_FIX
-    )
-
-
-def check_kernel(release: str | None = None) -> Check:
-    """Kernel new enough for BPF ring buffers."""
-    release = release or os.uname().release
-    try:
-        version = kernel_version(release)
-    except ValueError as exc:
-        return Check("kernel", False, str(exc), "boot a Linux kernel 5.8 or newer")
-    need = ".".join(map(str, MIN_KERNEL))
-    if version >= MIN_KERNEL:
-        return Check("kernel", True, f"{release} (>= {need})")
-    return Check(
-        "kernel",
-        False,
-        f"{release} is older than {need} (no BPF ring buffer)",
-        "boot a Linux kernel 5.8 or newer (Debian 12: apt-get install linux-image-amd64)",
-    )
-
-
-def check_btf() -> Check:
-    """Kernel BTF type information."""
-    if os.path.exists(BTF_PATH):
-        return Check("btf", True, BTF_PATH)
-    return Check("btf", False, f"no {BTF_PATH}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y")
-
-
-def _tracefs_fix(tracefs: str) -> str:
-    return f"mount -t tracefs nodev {tracefs}"
-
-
-def check_tracefs(tracefs: str) -> Check:
-    """tracefs mounted (its events/ directory is visible)."""
-    events = os.path.join(tracefs, "events")
-    try:
-        os.stat(events)
-    except PermissionError:
-        return Check("tracefs", False, f"at {tracefs} is not readable: permission denied", SUDO_FIX)
-    except OSError:
-        return Check("tracefs", False, f"not mounted at {tracefs}", _tracefs_fix(tracefs))
-    if not os.path.isdir(events):
-        return Check("tracefs", False, f"not mounted at {tracefs}", _tracefs_fix(tracefs))
-    return Check("tracefs", True, f"mounted at {tracefs}")
-
-
-def check_uprobes() -> Check:
-    """The uprobe PMU that perf_event_open attaches uprobes through."""
-    try:
-        with open(UPROBE_PMU) as f:
-            pmu = f.read().strip()
-    except OSError:
-        return Check(
-            "uprobes",
-            False,
-            f"no uprobe PMU ({UPROBE_PMU})",
-            "boot a kernel built with CONFIG_UPROBES=y and CONFIG_UPROBE_EVENTS=y",
-        )
-    return Check("uprobes", True, f"uprobe PMU type {pmu}")
-
-
-def check_tracepoints(tracefs: str, tracefs_check: Check) -> Check:
-    """Every tracepoint the probes attach to has an id under tracefs."""
-    if not tracefs_check.ok:
-        detail = f"skipped: tracefs {tracefs_check.detail}"
-        if tracefs_check.detail.startswith("not mounted"):
-            detail = "skipped: tracefs not mounted"
-        return Check("tracepoints", False, detail, tracefs_check.fix)
-    missing = []
-    for tp in TRACEPOINTS:
-        cat, name = tp.split(":")
-        try:
-            os.stat(os.path.join(tracefs, "events", cat, name, "id"))
-        except PermissionError:
-            return Check("tracepoints", False, f"{tracefs}: permission denied", SUDO_FIX)
-        except OSError:
-            missing.append(tp)
-    if not missing:
-        return Check("tracepoints", True, f"all {len(TRACEPOINTS)} present")
-    if any(tp.startswith(("syscalls:", "raw_syscalls:")) for tp in missing):
-        fix = "boot a kernel built with CONFIG_FTRACE_SYSCALLS=y"
-    else:
-        fix = "boot a kernel built with CONFIG_TRACEPOINTS=y"
-    return Check("tracepoints", False, "missing: " + ", ".join(missing), fix)
-
-
-def apt_has_package(name: str) -> bool:
-    """True when apt has the package installed or installable (False without apt)."""
-    try:
-        res = subprocess.run(
-            ["apt-cache", "policy", name],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    for line in res.stdout.splitlines():
-        key, _, value = line.strip().partition(":")
-        if key in ("Installed", "Candidate") and value.strip() not in ("", "(none)"):
-            return True
-    return False
-
-
-def headers_fix(release: str) -> str:
-    """The command that installs (or links) headers for this kernel."""
-    if apt_has_package(f"linux-headers-{release}"):
-        return "apt-get install linux-headers-$(uname -r)"
-    return (
-        "sudo bash scripts/setup.sh  (apt has no linux-headers-$(uname -r); "
-        "it links the generic Debian headers)"
-    )
-
-
-def check_headers(modules_dir: str, release: str | None = None) -> Check:
-    """Kernel headers where bcc looks for them: <modules_dir>/<release>/build."""
-    release = release or os.uname().release
-    build = os.path.join(modules_dir, release, "build")
-    source = os.path.join(modules_dir, release, "source")
-    real = os.path.realpath(build)
-    if not (
-        os.path.isdir(os.path.join(build, "include"))
-        and os.path.exists(os.path.join(build, "Makefile"))
-    ):
-        if os.path.islink(build):
-            detail = f"{build} -> {os.readlink(build)} is not a configured headers tree"
-        else:
-            detail = f"no kernel headers at {build}"
-        return Check("headers", False, detail, headers_fix(release))
-    if os.path.islink(source) and not os.path.isdir(source):
-        detail = f"{source} -> {os.readlink(source)} is dangling"
-        return Check("headers", False, detail, headers_fix(release))
-    detail = build if real == os.path.abspath(build) else f"{build} -> {real}"
-    base = os.path.basename(real)
-    if base.startswith("linux-headers-") and base[len("linux-headers-") :] != release:
-        detail += f" (generic headers of {base[len('linux-headers-') :]})"
-    return Check("headers", True, detail)
+# ---------------------------------------------------------------- the checks doctor adds
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -435,7 +209,8 @@ def check_binary(path: str) -> Check:
 
 
 def check_usdt(path: str) -> list[Check]:
-    """USDT probes of a binary, then the ones pgtrace cannot do without."""
+    """USDT probes of a binary, then the ones `attach` refuses to start without."""
+    from pgtrace.collect.loader import REQUIRED_USDT
     from pgtrace.elf.usdt import read_probes
     from pgtrace.target import binary_version
 
@@ -452,11 +227,11 @@ def check_usdt(path: str) -> list[Check]:
     except PgtraceError:
         version = ""
     usdt = Check("usdt", True, f"{version}{len(sites)} probe sites, {len(names)} probes in {path}")
-    missing = [p for p in REQUIRED_PROBES if p not in names]
+    missing = [p for p in REQUIRED_USDT if p not in names]
     if missing:
         required = Check("usdt-required", False, "missing: " + ", ".join(missing), DTRACE_FIX)
     else:
-        required = Check("usdt-required", True, ", ".join(REQUIRED_PROBES))
+        required = Check("usdt-required", True, ", ".join(REQUIRED_USDT))
     return [usdt, required]
 
 
@@ -522,24 +297,16 @@ def run_checks(
     pid: int | None = None,
     binary: str | None = None,
     *,
-    tracefs: str = "/sys/kernel/tracing",
-    modules_dir: str = "/lib/modules",
+    tracefs: str | None = None,
+    modules_dir: str | None = None,
 ) -> list[Check]:
-    """Run every check; the pid/binary ones only when a pid or binary is given."""
-    privileges = check_privileges()
-    tracefs_check = check_tracefs(tracefs)
-    headers = check_headers(modules_dir)
+    """Preflight's checks (all of them), then doctor's; the server's when a pid/binary is given."""
+    checks = machine_checks(tracefs, modules_dir)
+    by = {c.name: c for c in checks}
     bcc = check_bcc_import()
-    checks = [
-        privileges,
-        check_kernel(),
-        check_btf(),
-        tracefs_check,
-        check_uprobes(),
-        check_tracepoints(tracefs, tracefs_check),
-        headers,
+    checks += [
         bcc,
-        check_bcc_load([privileges, headers, bcc, tracefs_check]),
+        check_bcc_load([by["privileges"], by["headers"], bcc, by["tracefs"]]),
         check_psi(),
     ]
     path = binary

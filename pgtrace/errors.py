@@ -27,7 +27,7 @@ class UsageError(PgtraceError):
 
 
 class NotRootError(PgtraceError):
-    """Tracing needs root (or CAP_BPF + CAP_PERFMON)."""
+    """Tracing needs root (effective uid 0; see preflight.py)."""
 
     exit_code = 77
 

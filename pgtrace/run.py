@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -14,8 +14,9 @@ import psycopg
 from pgtrace.attach import AttachOptions, RunResult, trace_during
 from pgtrace.cluster import start_cluster
 from pgtrace.collect.session import TraceSession
+from pgtrace.driver.options import RUN_RUNNERS, LoadSpec
 from pgtrace.driver.summary import load_summary
-from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
+from pgtrace.driver.workers import join_workers, start_workers
 from pgtrace.e2e import e2e_frame, join_requests, run_summary
 from pgtrace.errors import ServerError
 from pgtrace.target import find_target
@@ -23,22 +24,10 @@ from pgtrace.target import find_target
 
 @dataclass
 class RunOptions:
-    """A driver workload to profile, and where."""
+    """A driver load to profile (its dsn None: on a private throwaway cluster)."""
 
-    dsn: str | None = None
-    workload: str = "insert-bigint"
-    runners: int = 40
-    connections: int | None = None
-    duration: float | None = 10.0
-    count: int | None = None
-    rate: float | None = None
-    payload_bytes: int = 0
+    load: LoadSpec = field(default_factory=lambda: LoadSpec(runners=RUN_RUNNERS))
     query_text: bool = False
-    progress: bool = True
-    workers: int = 1
-    batch_rows: int = 1
-    copy: bool = False
-    sql_file: str | None = None
 
 
 @dataclass
@@ -74,17 +63,14 @@ def _postmaster_of(dsn: str) -> int:
 
 def run_profile(opts: RunOptions) -> RunOutcome:
     """Trace the cluster while the driver runs in a child process; join and split."""
-    with _server(opts.dsn) as (dsn, note), tempfile.TemporaryDirectory() as tmp:
+    with _server(opts.load.dsn) as (dsn, note), tempfile.TemporaryDirectory() as tmp:
         postmaster = _postmaster_of(dsn)
-        spec = LoadSpec(dsn=dsn, workload=opts.workload, runners=opts.runners,
-                        connections=opts.connections, duration=opts.duration, count=opts.count,
-                        rate=opts.rate, payload_bytes=opts.payload_bytes, progress=opts.progress,
-                        batch_rows=opts.batch_rows, copy=opts.copy, sql_file=opts.sql_file)
+        spec = replace(opts.load, dsn=dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             spec.build().setup(conn)
 
         def drive(session: TraceSession) -> tuple[pd.DataFrame, float, int]:
-            started = start_workers(spec, tmp, opts.workers)
+            started = start_workers(spec, tmp)
             session.add_client_pids([p.pid for p, _out in started])
             return join_workers(started)
 

@@ -33,7 +33,6 @@ from pgtrace.errors import (
     EnvironmentError_,
     KernelHeadersError,
     NoProbesError,
-    NotRootError,
 )
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
@@ -96,9 +95,11 @@ def import_bcc() -> Any:
 
 
 def check_root() -> None:
-    """Refuse early when BPF cannot be loaded."""
-    if os.geteuid() != 0:
-        raise NotRootError("tracing needs root (CAP_BPF and CAP_PERFMON)", "run it with sudo")
+    """Refuse early, at the first failing preflight check: root (euid 0), then the machine's
+    (kernel, BTF, tracefs, uprobes, tracepoints, headers), as `pgtrace doctor` prints them."""
+    from pgtrace.preflight import require
+
+    require()
 
 
 def check_headers() -> None:

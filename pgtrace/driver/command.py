@@ -10,12 +10,12 @@ from typing import Any
 import click
 import psycopg
 
-from pgtrace.cliargs import BATCH_ROWS, PAYLOAD, RATE, REQUESTS, RUNNERS, SECONDS, WORKERS
+from pgtrace.cliargs import errors_to_exit
+from pgtrace.driver.options import LOAD_RUNNERS, LoadSpec, driver_options
 from pgtrace.driver.runner import Progress, run_load
 from pgtrace.driver.summary import load_summary
 from pgtrace.driver.wire import server_error_line
-from pgtrace.driver.workers import LoadSpec, join_workers, start_workers
-from pgtrace.driver.workloads import WORKLOADS
+from pgtrace.driver.workers import join_workers, start_workers
 from pgtrace.errors import PgtraceError, ServerError
 from pgtrace.outputs import check_outputs, private_binary, write_private
 
@@ -41,72 +41,41 @@ def _print_progress(p: Progress) -> None:
 
 
 @click.command(epilog=LOAD_EPILOG)
-@click.option("--dsn", default="", show_default=False,
-              help="libpq conninfo or URI; empty: PG* environment variables, as psql.")
-@click.option("--workload", "workload_name", type=click.Choice(list(WORKLOADS)),
-              default="insert-bigint", show_default=True, help="Insert workload.")
-@click.option("--runners", type=RUNNERS, default=8, show_default=True,
-              help=f"Concurrent logical workers ({RUNNERS.range_text()}).")
-@click.option("--connections", type=RUNNERS, default=None,
-              help="Connections shared by the runners [default: runners].")
-@click.option("--duration", type=SECONDS, default=None,
-              help=f"Seconds to run ({SECONDS.range_text()}) [default: 10, unless --count].")
-@click.option("--count", type=REQUESTS, default=None,
-              help=f"Requests to issue ({REQUESTS.range_text()}).")
-@click.option("--rate", type=RATE, default=None,
-              help=f"Open loop at this many requests/s in total ({RATE.range_text()}; "
-              "default: closed loop).")
-@click.option("--payload-bytes", type=PAYLOAD, default=0, show_default=True,
-              help=f"Text payload size per row ({PAYLOAD.range_text()}; 0: NULL).")
-@click.option("--batch-rows", type=BATCH_ROWS, default=1, show_default=True,
-              help="Rows per request: one multi-row INSERT (or one COPY with --copy).")
-@click.option("--copy", "use_copy", is_flag=True,
-              help="Each request is COPY ... FROM STDIN of --batch-rows rows.")
-@click.option("--sql-file", type=click.Path(dir_okay=False, exists=True),
-              help="Run this statement instead of a workload: pgbench-style "
-              "'\\set name random(lo, hi)' lines, then one SQL statement using :name.")
+@driver_options(runners=LOAD_RUNNERS, dsn_help="libpq conninfo or URI; default (or empty): "
+                "the PG* environment variables, as psql.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Write the summary as JSON here (mode 0600).")
 @click.option("--drop", is_flag=True, help="Drop the workload's table at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No live progress line.")
-@click.option("--workers", type=WORKERS, default=1, show_default=True,
-              help="Driver processes sharing the runners (when one cannot keep up).")
 @click.option("--frame-out", hidden=True, type=click.Path(dir_okay=False),
               help="Write the per-request frame (Parquet) here, for `pgtrace run`.")
-def load(dsn: str, workload_name: str, runners: int, connections: int | None,
-         duration: float | None, count: int | None, rate: float | None, payload_bytes: int,
-         batch_rows: int, use_copy: bool, sql_file: str | None, summary_json: str | None,
-         drop: bool, quiet: bool, workers: int, frame_out: str | None) -> None:
+@click.option("--spec-stdin", is_flag=True, hidden=True,
+              help="A worker of `run`/`load --workers`: the LoadSpec as JSON on stdin.")
+@errors_to_exit
+def load(spec: LoadSpec, summary_json: str | None, drop: bool, quiet: bool,
+         frame_out: str | None, spec_stdin: bool) -> None:
     """Run an insert workload and time every request on the client.
 
     Single-row INSERTs by default; --batch-rows N makes each request one N-row INSERT
     (or one COPY with --copy), the batching advice of write-heavy checklists.
     """
-    if duration is None and count is None:
-        duration = 10.0
-    spec = LoadSpec(dsn=dsn, workload=workload_name, runners=runners, connections=connections,
-                    duration=duration, count=count, rate=rate, payload_bytes=payload_bytes,
-                    progress=not quiet, batch_rows=batch_rows, copy=use_copy,
-                    sql_file=sql_file)
-    try:
-        check_outputs({"--summary-json": summary_json, "--frame-out": frame_out},
-                      inputs=[sql_file] if sql_file else [])
-        if workers > 1:
-            _load_workers(spec, workers, summary_json)
-            return
-        _load(spec, summary_json, drop, frame_out)
-    except PgtraceError as exc:
-        click.echo(exc.line(), err=True)
-        sys.exit(exc.exit_code)
+    if spec_stdin:
+        spec = LoadSpec.from_json(sys.stdin.read())
+    check_outputs({"--summary-json": summary_json, "--frame-out": frame_out},
+                  inputs=[spec.sql_file] if spec.sql_file else [])
+    if spec.workers > 1:
+        _load_workers(spec, summary_json)
+        return
+    _load(spec, summary_json, drop, frame_out)
 
 
-def _load_workers(spec: LoadSpec, workers: int, summary_json: str | None) -> None:
+def _load_workers(spec: LoadSpec, summary_json: str | None) -> None:
     """The load split over worker processes; one summary over all of them."""
     workload = spec.build()
-    with _connect_sync(spec.dsn) as conn:
+    with _connect_sync(spec.conninfo) as conn:
         workload = workload.setup(conn)  # uuidv7: the server's own where it has one
     with tempfile.TemporaryDirectory() as tmp:
-        frame, duration, code = join_workers(start_workers(spec, tmp, workers))
+        frame, duration, code = join_workers(start_workers(spec, tmp))
     if frame.empty:
         raise ServerError(f"the driver workers failed (exit {code}) before writing results")
     summary = load_summary(frame, duration)
@@ -131,17 +100,17 @@ def _result_line(name: str, summary: dict[str, Any]) -> None:
 
 def _load(spec: LoadSpec, summary_json: str | None, drop: bool, frame_out: str | None) -> None:
     workload = spec.build()
-    with _connect_sync(spec.dsn) as conn:
+    with _connect_sync(spec.conninfo) as conn:
         workload = workload.setup(conn)  # uuidv7: the server's own where it has one
     try:
-        result = run_load(spec.dsn, workload, runners=spec.runners,
+        result = run_load(spec.conninfo, workload, runners=spec.runners,
                           connections=spec.connections, duration_s=spec.duration,
                           count=spec.count, rate=spec.rate,
                           on_progress=_print_progress if spec.progress else None)
     finally:
         if drop:
             try:
-                with _connect_sync(spec.dsn) as conn:
+                with _connect_sync(spec.conninfo) as conn:
                     workload.teardown(conn)
             except (PgtraceError, psycopg.Error):
                 click.echo(f"pgtrace: could not drop {workload.table}", err=True)

@@ -5,37 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 
 import pandas as pd
 
-from pgtrace.driver.workloads import Workload, get_workload
+from pgtrace.driver.options import LoadSpec
 
+__all__ = ["join_workers", "split", "start_workers", "worker_count", "worker_specs"]
 
-@dataclass(frozen=True)
-class LoadSpec:
-    """A `pgtrace load` run, as its command line says it."""
-
-    dsn: str
-    workload: str = "insert-bigint"
-    runners: int = 8
-    connections: int | None = None
-    duration: float | None = 10.0
-    count: int | None = None
-    rate: float | None = None
-    payload_bytes: int = 0
-    progress: bool = True
-    batch_rows: int = 1
-    copy: bool = False
-    sql_file: str | None = None
-
-    def build(self) -> Workload:
-        """The workload this spec names, with its payload and rows per request."""
-        if self.sql_file is not None:
-            from pgtrace.driver.custom import load_sql_file
-
-            return load_sql_file(self.sql_file)
-        return get_workload(self.workload, self.payload_bytes, self.batch_rows, self.copy)
+#: A worker: `pgtrace load` reading its LoadSpec (JSON) from stdin, writing its frame to a
+#: file: the spec travels as data (never back through argv; a DSN's password stays out of
+#: /proc/PID/cmdline).
+WORKER_COMMAND = [sys.executable, "-m", "pgtrace", "load", "--spec-stdin", "--frame-out"]
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -44,48 +25,42 @@ def split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def worker_count(spec: LoadSpec, workers: int) -> int:
+def worker_count(spec: LoadSpec) -> int:
     """Workers actually used: never more than runners or connections."""
-    n = max(1, min(workers, spec.runners))
+    n = max(1, min(spec.workers, spec.runners))
     return min(n, spec.connections) if spec.connections is not None else n
 
 
-def worker_commands(spec: LoadSpec, frame_outs: list[str]) -> list[list[str]]:
-    """One `pgtrace load` command line per worker process, sharing the load."""
-    k = len(frame_outs)
+def worker_specs(spec: LoadSpec) -> list[LoadSpec]:
+    """One single-process LoadSpec per worker, sharing runners, connections, count and rate."""
+    k = worker_count(spec)
     runners = split(spec.runners, k)
     conns = split(spec.connections, k) if spec.connections is not None else runners
     counts: list[int | None] = (
         list(split(spec.count, k)) if spec.count is not None else [None] * k
     )
-    cmds = []
-    for i, out in enumerate(frame_outs):
-        cmd = [sys.executable, "-m", "pgtrace", "load", "--dsn", spec.dsn,
-               "--workload", spec.workload, "--runners", str(runners[i]),
-               "--connections", str(conns[i]), "--payload-bytes", str(spec.payload_bytes),
-               "--batch-rows", str(spec.batch_rows), "--frame-out", out]
-        if spec.copy:
-            cmd.append("--copy")
-        if spec.sql_file is not None:
-            cmd += ["--sql-file", os.path.abspath(spec.sql_file)]
-        for flag, value in (("--duration", spec.duration), ("--count", counts[i]),
-                            ("--rate", spec.rate / k if spec.rate else None)):
-            if value is not None:
-                cmd += [flag, str(value)]
-        if not spec.progress or i > 0:
-            cmd.append("--quiet")
-        cmds.append(cmd)
-    return cmds
+    sql_file = os.path.abspath(spec.sql_file) if spec.sql_file is not None else None
+    return [replace(spec, runners=runners[i], connections=conns[i], count=counts[i],
+                    rate=spec.rate / k if spec.rate else None, sql_file=sql_file,
+                    progress=spec.progress and i == 0, workers=1)
+            for i in range(k)]
 
 
 Started = list[tuple["subprocess.Popen[bytes]", str]]
 
 
-def start_workers(spec: LoadSpec, tmpdir: str, workers: int) -> Started:
+def start_workers(spec: LoadSpec, tmpdir: str) -> Started:
     """Start the worker processes; each writes its frame to a file in tmpdir."""
-    outs = [os.path.join(tmpdir, f"client{i}.parquet") for i in range(worker_count(spec, workers))]
-    return [(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL), out)
-            for cmd, out in zip(worker_commands(spec, outs), outs, strict=True)]
+    started: Started = []
+    for i, one in enumerate(worker_specs(spec)):
+        out = os.path.join(tmpdir, f"client{i}.parquet")
+        proc = subprocess.Popen([*WORKER_COMMAND, out], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL)
+        assert proc.stdin is not None
+        with proc.stdin:
+            proc.stdin.write(one.to_json().encode())
+        started.append((proc, out))
+    return started
 
 
 def join_workers(started: Started) -> tuple[pd.DataFrame, float, int]:

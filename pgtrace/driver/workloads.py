@@ -17,12 +17,13 @@ import string
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from pgtrace.driver.ids import ulid, uuid7
 from pgtrace.errors import ServerError, UsageError
+
+if TYPE_CHECKING:  # only in annotations: the CLI imports the names, not libpq
+    import psycopg
 
 Params = tuple[Any, ...]
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from pgtrace.cliargs import SECONDS
-from pgtrace.errors import OutputError, PgtraceError
+from pgtrace.cliargs import SECONDS, errors_to_exit
+from pgtrace.errors import OutputError
 from pgtrace.outputs import check_outputs, write_private
 
 LAB_EPILOG = """\b
@@ -30,20 +29,13 @@ def lab() -> None:
     """The seed experiments, one command each: set up, run, profile, restore, compare."""
 
 
-def _fail(exc: PgtraceError) -> NoReturn:
-    click.echo(exc.line(), err=True)
-    sys.exit(exc.exit_code)
-
-
 @lab.command("list")
+@errors_to_exit
 def list_() -> None:
     """The experiments, with their seed and what they vary."""
     from pgtrace.lab.spec import load_experiments
 
-    try:
-        experiments = load_experiments()
-    except PgtraceError as exc:
-        _fail(exc)
+    experiments = load_experiments()
     for exp in experiments.values():
         variants = ", ".join(v.name for v in exp.variants)
         click.echo(f"{exp.name:<20} seed {exp.seed:<8} {exp.title}")
@@ -88,6 +80,7 @@ def _progress_bar() -> Iterator[Callable[[Any], None]]:
 @click.option("--smoke", is_flag=True, hidden=True,
               help="Tiny scale (one low runner level, small tables), for tests.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@errors_to_exit
 def run(name: str, quick: bool, dsn: str | None, json_path: str | None,
         output_dir: str | None, duration: float | None, smoke: bool, no_progress: bool) -> None:
     """Run experiment NAME under the engine and check its hypotheses.
@@ -100,23 +93,16 @@ def run(name: str, quick: bool, dsn: str | None, json_path: str | None,
     scale = "smoke" if smoke else "quick" if quick else "full"
     opts = LabOptions(name=name, scale=scale, dsn=dsn, out_dir=output_dir, duration=duration)
     result: LabResult
-    try:
-        check_outputs({"--json": json_path})
-        if output_dir is not None and os.path.exists(output_dir) and \
-                not os.path.isdir(output_dir):
-            raise OutputError(f"-o {output_dir} is not a directory")
-        check_lab(opts)
-        if no_progress:
-            result = run_lab(opts)
-        else:
-            with _progress_bar() as update:
-                result = run_lab(opts, update)
-    except PgtraceError as exc:
-        _fail(exc)
-    try:
-        _print_result(result, scale, json_path)
-    except PgtraceError as exc:  # the JSON could not be written: the table is printed
-        _fail(exc)
+    check_outputs({"--json": json_path})
+    if output_dir is not None and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputError(f"-o {output_dir} is not a directory")
+    check_lab(opts)
+    if no_progress:
+        result = run_lab(opts)
+    else:
+        with _progress_bar() as update:
+            result = run_lab(opts, update)
+    _print_result(result, scale, json_path)  # a failed JSON write: the table is printed
 
 
 def _print_result(result: Any, scale: str, json_path: str | None) -> None:

@@ -23,6 +23,7 @@ import psycopg
 from pgtrace.capture import write_capture
 from pgtrace.cluster import start_cluster
 from pgtrace.collect.loader import check_root
+from pgtrace.driver.options import LoadSpec
 from pgtrace.driver.workloads import get_workload
 from pgtrace.errors import ServerError, UsageError
 from pgtrace.lab import gucs, measure
@@ -296,9 +297,9 @@ class _Engine:
             sql_file = os.path.join(self.tmp, f"{v.name}.sql")
             with open(sql_file, "w", encoding="utf-8") as f:
                 f.write(v.sql.format(**self.params) + "\n")
-        return run_profile(RunOptions(
+        return run_profile(RunOptions(load=LoadSpec(
             dsn=self.dsn, workload=v.workload or "insert-bigint", runners=runners,
-            duration=self.duration, progress=False, batch_rows=v.batch_rows, sql_file=sql_file))
+            duration=self.duration, progress=False, batch_rows=v.batch_rows, sql_file=sql_file)))
 
     def teardown(self, v: Variant) -> None:
         run_sql(self.dsn, v.teardown, self.params)

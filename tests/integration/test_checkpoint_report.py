@@ -11,6 +11,7 @@ import pytest
 
 from pgtrace.aggregate import summary
 from pgtrace.cluster import start_cluster
+from pgtrace.driver.options import LoadSpec
 from pgtrace.report.html import render_html
 from pgtrace.run import RunOptions, run_profile
 from tests.integration.test_report_html_browser import (
@@ -28,8 +29,8 @@ SEC = 1_000_000_000
 def test_checkpoint_fpi_burst_in_timeline_and_html(tmp_path: Path) -> None:
     """The issue's check: a 60 s run with checkpoint_timeout=30s, its HTML in a browser."""
     with start_cluster(settings={"checkpoint_timeout": "30s", "max_wal_size": "4GB"}) as c:
-        out = run_profile(RunOptions(dsn=c.dsn, workload="insert-uuidv4", runners=8,
-                                     duration=60, progress=False))
+        out = run_profile(RunOptions(load=LoadSpec(dsn=c.dsn, workload="insert-uuidv4",
+                                                   runners=8, duration=60, progress=False)))
     header = out.trace.header
     # a timed checkpoint spreads its writes (checkpoint_completion_target): it may still
     # run when the trace ends; its start is what the FPI burst follows

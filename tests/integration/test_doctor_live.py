@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from pgtrace import doctor
+from pgtrace import doctor, preflight
 from pgtrace.cli import cli
 from pgtrace.cluster import find_pg_bin
 from pgtrace.doctor import run_checks
@@ -114,7 +114,7 @@ def test_missing_headers_link_fails_with_the_headers_fix(
     assert not headers.ok
     assert headers.detail == f"no kernel headers at {modules / os.uname().release / 'build'}"
     assert headers.fix is not None
-    if doctor.apt_has_package(f"linux-headers-{os.uname().release}"):
+    if preflight.apt_has_package(f"linux-headers-{os.uname().release}"):
         assert "apt-get install linux-headers-$(uname -r)" in headers.fix
     else:  # this VM: a custom kernel with no headers package
         assert "bash scripts/setup.sh" in headers.fix

@@ -409,3 +409,26 @@ def test_uuidv7_from_the_driver_before_18(conn: Conn) -> None:
     assert w.setup(conn) == w
     assert _key_default(conn, w.table) is None
     conn.execute(f"drop table {w.table}")
+
+
+def test_workers_run_the_spec_they_are_given(dsn: str, conn: Conn, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--workers: each process gets its share of the spec (JSON on stdin), the DSN included:
+    every row carries the DSN's application_name, the shares add up to --count."""
+    conn.execute("drop table if exists workers_t")
+    conn.execute("create table workers_t (app text, k int)")
+    (tmp_path / "w.sql").write_text(
+        "\\set k random(1, 9)\ninsert into workers_t values "
+        "(current_setting('application_name'), :k);\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "s.json"
+    res = _invoke(["--dsn", f"{dsn} application_name=spec_as_data", "--sql-file", "w.sql",
+                   "--workers", "3", "--runners", "5", "--connections", "3", "--count", "301",
+                   "--summary-json", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())
+    assert s["requests"] == 301 and s["errors"] == 0
+    row = conn.execute("select count(*), count(*) filter (where app = 'spec_as_data'), "
+                       "min(k), max(k) from workers_t").fetchone()
+    assert row is not None and row[:2] == (301, 301) and 1 <= row[2] <= row[3] <= 9
+    conn.execute("drop table workers_t")

@@ -46,6 +46,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from pgtrace.capture import read_capture
+from pgtrace.driver.options import LoadSpec
 from pgtrace.driver.workloads import get_workload
 from pgtrace.model import E2E_BUCKETS, REPORT_BUCKETS
 from pgtrace.run import RunOptions, RunOutcome, run_profile
@@ -89,7 +90,7 @@ E2E_KEYS = ["client_queue", "request_transit", "server_wakeup", "cpu", "runqueue
 
 
 def profile(dsn: str, **kw: Any) -> RunOutcome:
-    out = run_profile(RunOptions(dsn=dsn, progress=False, **kw))
+    out = run_profile(RunOptions(load=LoadSpec(dsn=dsn, progress=False, **kw)))
     s = out.summary
     assert out.driver_exit == 0 and s["errors"] == 0, (
         f"driver exit {out.driver_exit}, {s['errors']} errors in {s['requests']} requests")

@@ -11,24 +11,19 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pgtrace import doctor
+from pgtrace import doctor, preflight
 from pgtrace.cli import cli
-from pgtrace.doctor import (
+from pgtrace.doctor import check_psi, check_target, check_usdt, render_checks, run_checks
+from pgtrace.errors import KernelHeadersError, NotRootError
+from pgtrace.preflight import (
     TRACEPOINTS,
     Check,
     check_headers,
     check_kernel,
     check_privileges,
-    check_psi,
-    check_target,
     check_tracefs,
     check_tracepoints,
-    check_usdt,
-    effective_caps,
-    has_trace_caps,
     kernel_version,
-    render_checks,
-    run_checks,
 )
 
 POSTGRES = "/usr/lib/postgresql/15/bin/postgres"
@@ -79,33 +74,38 @@ def test_kernel_check_thresholds() -> None:
     assert not check_kernel("weird").ok
 
 
-def test_caps() -> None:
-    assert effective_caps("Name:\tx\nCapEff:\t000001fffeffffff\n") == 0x1FFFEFFFFFF
-    assert effective_caps("Name:\tx\n") == 0
-    assert has_trace_caps((1 << doctor.CAP_BPF) | (1 << doctor.CAP_PERFMON))
-    assert has_trace_caps(1 << doctor.CAP_SYS_ADMIN)
-    assert not has_trace_caps(1 << doctor.CAP_BPF)
-    assert not has_trace_caps(0)
-
-
-def test_privileges_without_caps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    status = tmp_path / "status"
-    status.write_text("Name:\tpython\nCapEff:\t0000000000000000\n")
-    monkeypatch.setattr(doctor, "PROC_STATUS", str(status))
+def test_privileges_are_euid_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert check_privileges() == Check("privileges", True, "root (euid 0)")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     c = check_privileges()
     assert not c.ok
-    assert c.fix == "sudo pgtrace doctor"
-    assert "CAP_BPF+CAP_PERFMON" in c.detail
+    assert c.detail == "tracing needs root (euid 0; this is uid 1000)"
+    assert c.fix == "run it with sudo"
 
 
-def test_privileges_with_bpf_and_perfmon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    status = tmp_path / "status"
-    caps = (1 << doctor.CAP_BPF) | (1 << doctor.CAP_PERFMON)
-    status.write_text(f"CapEff:\t{caps:016x}\n")
-    monkeypatch.setattr(doctor, "PROC_STATUS", str(status))
-    c = check_privileges()
-    assert c.ok
-    assert "CAP_BPF+CAP_PERFMON" in c.detail
+def test_attach_stops_at_the_first_failing_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What doctor prints is what attach runs: its first failure is attach's one line."""
+    monkeypatch.setattr(preflight, "apt_has_package", lambda name: True)
+    monkeypatch.setenv("PGTRACE_MODULES_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(NotRootError) as not_root:
+        preflight.require()
+    assert not_root.value.line() == (
+        "pgtrace: tracing needs root (euid 0; this is uid 1000) (run it with sudo)")
+    assert not_root.value.exit_code == 77
+    doctor_sees = run_checks()
+    assert next(c for c in doctor_sees if not c.ok) == check_privileges()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    headers = check_headers(str(tmp_path))
+    with pytest.raises(KernelHeadersError) as no_headers:
+        preflight.require()
+    assert no_headers.value.line() == f"pgtrace: {headers.detail} ({headers.fix})"
+    assert no_headers.value.exit_code == 5
+    assert {c.name: c for c in run_checks()}["headers"] == headers
+    assert [c.name for c in preflight.machine_checks()] == list(preflight.ERRORS)
 
 
 # ---------------------------------------------------------------- tracefs and tracepoints
@@ -114,7 +114,7 @@ def test_privileges_with_bpf_and_perfmon(tmp_path: Path, monkeypatch: pytest.Mon
 def test_unmounted_tracefs(tmp_path: Path) -> None:
     c = check_tracefs(str(tmp_path))
     assert not c.ok
-    assert c.detail == f"not mounted at {tmp_path}"
+    assert c.detail == f"tracefs is not mounted at {tmp_path}"
     assert c.fix == f"mount -t tracefs nodev {tmp_path}"
 
 
@@ -138,7 +138,7 @@ def test_missing_tracepoints_are_named(tmp_path: Path) -> None:
     root = fake_tracefs(tmp_path / "tracing", skip=gone)
     c = check_tracepoints(root, check_tracefs(root))
     assert not c.ok
-    assert c.detail == "missing: " + ", ".join(gone)
+    assert c.detail == "missing tracepoints: " + ", ".join(gone)
     assert c.fix is not None
     assert "CONFIG_FTRACE_SYSCALLS" in c.fix
 
@@ -169,7 +169,7 @@ def test_missing_headers_link(
         asked.append(name)
         return in_apt
 
-    monkeypatch.setattr(doctor, "apt_has_package", apt)
+    monkeypatch.setattr(preflight, "apt_has_package", apt)
     (tmp_path / RELEASE).mkdir()
     c = check_headers(str(tmp_path), RELEASE)
     assert not c.ok
@@ -180,7 +180,7 @@ def test_missing_headers_link(
 
 
 def test_dangling_headers_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(doctor, "apt_has_package", lambda name: False)
+    monkeypatch.setattr(preflight, "apt_has_package", lambda name: False)
     (tmp_path / RELEASE).mkdir()
     (tmp_path / RELEASE / "build").symlink_to(tmp_path / "gone")
     c = check_headers(str(tmp_path), RELEASE)
@@ -212,7 +212,7 @@ def test_headers_without_makefile_are_refused(tmp_path: Path) -> None:
 def test_apt_lookup_of_an_absent_package() -> None:
     if shutil.which("apt-cache") is None:
         pytest.skip("no apt-cache")
-    assert not doctor.apt_has_package("linux-headers-0.0.0-no-such-kernel")
+    assert not preflight.apt_has_package("linux-headers-0.0.0-no-such-kernel")
 
 
 # ---------------------------------------------------------------- other checks
