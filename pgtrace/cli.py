@@ -157,6 +157,8 @@ def attach(pids: tuple[int, ...], duration: float | None, output: str | None,
 
     result = run_attach(opts, on_interval=printer, on_ready=ready)
     _write_outputs(result.frame, result.summary, result.header, output, summary_json)
+    if stacks and output:
+        _write_folded(result.header.get("stacks", {}), output)
     render_text(result.frame, result.summary, sys.stdout)
 
 
@@ -182,6 +184,7 @@ def _write_folded(stacks: dict[str, Any], base: str) -> None:
     for kind in ("oncpu", "offcpu"):
         path = f"{base}.{kind}.folded"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file was there before, with another mode
         with os.fdopen(fd, "w") as f:
             f.writelines(line + "\n" for line in stacks.get(kind, []))
         click.echo(f"wrote {path}", err=True)
