@@ -131,6 +131,10 @@ struct req_event {
 	u32 n_vcsw;           /* voluntary context switches */
 	u32 n_ivcsw;          /* preemptions */
 	u64 rq_ctx[NCTX];     /* runqueue split by the context it interrupted (CTX_*) */
+	u64 ctx_cpu_ns;       /* on CPU inside a wait context (part of that context's bucket) */
+	u64 idle_ns;          /* the gap before it: since the previous request's end (0: none) */
+	u64 idle_cpu_ns;      /* of that gap: on CPU */
+	u64 idle_runq_ns;     /* of that gap: waiting for a CPU (the wake-up's wait among it) */
 	char query[QUERY_LEN];
 };
 
@@ -382,6 +386,8 @@ static __always_inline void charge(struct task_state *st, u64 now)
 	if (b >= NBUCKETS)
 		return;
 	st->acc.buckets[b] += delta;
+	if (st->mode == MODE_ONCPU && b != B_CPU)
+		st->acc.ctx_cpu_ns += delta;
 #ifdef WITH_STACKS
 	/* not while idle: that wait is the client's, discarded when bytes arrive */
 	if (st->mode == MODE_BLOCKED && st->req == REQ_BUSY)

@@ -180,16 +180,29 @@ static __always_inline void sendto_exit(struct task_state *st, long ret)
 }
 #endif
 
-/* The first bytes read while idle start a request. */
+/*
+ * The first bytes read while idle start a request.  The gap since the previous
+ * request's end (charged to the idle record's buckets, then dropped) is kept in
+ * the new record as idle_ns, idle_cpu_ns and idle_runq_ns: with the requests'
+ * own buckets they account for all of a backend's time once it has answered.
+ */
 static __always_inline void recvfrom_exit(struct task_state *st, long ret)
 {
-	u64 now, seq;
+	u64 now, seq, idle = 0, idle_cpu, idle_runq;
 	if (ret <= 0)
 		return;
 	now = bpf_ktime_get_ns();
+	charge(st, now);
+	if (st->acc.t_start && now > st->acc.t_start)
+		idle = now - st->acc.t_start;
+	idle_cpu = st->acc.buckets[B_CPU];
+	idle_runq = st->acc.buckets[B_RUNQUEUE];
 	seq = st->acc.seq;
 	reset_request(st, now);
 	st->acc.seq = seq;
+	st->acc.idle_ns = idle;
+	st->acc.idle_cpu_ns = idle_cpu;
+	st->acc.idle_runq_ns = idle_runq;
 	st->acc.wakeup_ns = st->wake_runq_ns;
 	st->req = REQ_BUSY;
 }

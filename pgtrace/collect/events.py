@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pgtrace.model import CONTEXTS, COUNTS, LOCK_TYPES, SERVER_BUCKETS
+from pgtrace.model import ACCOUNT_COLUMNS, CONTEXTS, COUNTS, LOCK_TYPES, SERVER_BUCKETS
 
 NBUCKETS = len(SERVER_BUCKETS)
 NLOCKTYPES = len(LOCK_TYPES)
@@ -42,6 +42,7 @@ def req_event_type(query_len: int = DEFAULT_QUERY_LEN) -> type[ct.Structure]:
         ("lock_ns", ct.c_uint64 * NLOCKTYPES),
         *((name, ct.c_uint32) for name in COUNTS),
         ("rq_ctx", ct.c_uint64 * NCTX),
+        *((name, ct.c_uint64) for name in ACCOUNT_COLUMNS),
         ("query", ct.c_char * query_len),
     ]
     return type("ReqEvent", (ct.Structure,), {"_fields_": fields})

@@ -11,6 +11,7 @@ from pgtrace.collect.events import RunqEvent, event_dtype
 from pgtrace.collect.waitevent import TRANCHE_ID_FLAG, tranche_name
 from pgtrace.fingerprint import fingerprint, normalize
 from pgtrace.model import (
+    ACCOUNT_COLUMNS,
     CONTEXTS,
     COUNTS,
     LOCK_PREFIX,
@@ -114,6 +115,8 @@ def records_frame(
     for name in COUNTS:
         cols[name] = a[name]
     cols["depth_at_end"] = a["depth_at_end"]
+    for name in ACCOUNT_COLUMNS:
+        cols[name] = a[name]
     block = np.empty((len(cols), len(a)), dtype=np.int64)
     for i, col in enumerate(cols.values()):
         block[i] = col

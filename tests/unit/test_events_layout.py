@@ -12,7 +12,7 @@ import pytest
 
 from pgtrace.collect import events
 from pgtrace.collect.events import ArgKey, ArgSpecC, event_dtype, req_event_type
-from pgtrace.model import COUNTERS, COUNTS, LOCK_TYPES, SERVER_BUCKETS
+from pgtrace.model import ACCOUNT_COLUMNS, COUNTERS, COUNTS, LOCK_TYPES, SERVER_BUCKETS
 
 # bcc warns about str table names; that is bcc's business, not this test's
 pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
@@ -74,7 +74,7 @@ def test_counts_are_the_u32_fields_in_order() -> None:
     names = [f[0] for f in req_event_type()._fields_]
     i = names.index(COUNTS[0])
     assert names[i : i + len(COUNTS)] == list(COUNTS)
-    assert names[i + len(COUNTS) :] == ["rq_ctx", "query"]
+    assert names[i + len(COUNTS) :] == ["rq_ctx", *ACCOUNT_COLUMNS, "query"]
 
 
 @pytest.mark.parametrize("qlen", [128, 64, 200])
