@@ -275,6 +275,58 @@ def schedstat(pid: int) -> tuple[int, int]:
     return int(run), int(wait)
 
 
+class SchedstatMonitor:
+    """/proc/<pid>/schedstat of every child of some processes (a postmaster, this test
+    process: a driver it starts), read every `period` seconds
+    from a thread while the `with` block runs: per pid, the first and the last reading
+    (CLOCK_MONOTONIC ns, on-CPU ns, run-queue ns), and every reading between. Backends
+    that come and go inside the block are caught while they live; what a backend does
+    before its first reading or after its last is outside its window."""
+
+    def __init__(self, parents: list[int], period: float = 0.02) -> None:
+        self._parents = parents
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="schedstat", daemon=True)
+        self.readings: dict[int, list[tuple[int, int, int]]] = {}
+
+    def _children(self) -> list[int]:
+        out: list[int] = []
+        for parent in self._parents:
+            for task in os.listdir(f"/proc/{parent}/task"):
+                try:
+                    with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as f:
+                        out += [int(p) for p in f.read().split()]
+                except OSError:
+                    continue  # a thread that ended
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            for pid in self._children():
+                try:
+                    run, wait = schedstat(pid)
+                except (OSError, ValueError):
+                    continue  # gone
+                self.readings.setdefault(pid, []).append((time.monotonic_ns(), run, wait))
+
+    def __enter__(self) -> SchedstatMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def window(self, pid: int, after: int = 0) -> tuple[int, int, int, int]:
+        """(t0, t1, on-CPU ns, run-queue ns) of `pid` from its first reading at or after
+        `after` (CLOCK_MONOTONIC ns) to its last."""
+        got = self.readings[pid]
+        t0, r0, w0 = next((r for r in got if r[0] >= after), got[-1])
+        t1, r1, w1 = got[-1]
+        return t0, t1, r1 - r0, w1 - w0
+
+
 def proc_state(pid: int) -> str:
     """The one-letter state of a task (R, S, D, ...)."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
