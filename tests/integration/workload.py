@@ -283,6 +283,8 @@ class SchedstatMonitor:
     that come and go inside the block are caught while they live; what a backend does
     before its first reading or after its last is outside its window."""
 
+    MAX_READ_NS = 100_000
+
     def __init__(self, parents: list[int], period: float = 0.02) -> None:
         self._parents = parents
         self._period = period
@@ -304,11 +306,15 @@ class SchedstatMonitor:
     def _run(self) -> None:
         while not self._stop.wait(self._period):
             for pid in self._children():
+                before = time.monotonic_ns()
                 try:
                     run, wait = schedstat(pid)
                 except (OSError, ValueError):
                     continue  # gone
-                self.readings.setdefault(pid, []).append((time.monotonic_ns(), run, wait))
+                after = time.monotonic_ns()
+                # a reading this thread was held up in (the GIL, a CPU) has no exact time
+                if after - before <= self.MAX_READ_NS:
+                    self.readings.setdefault(pid, []).append(((before + after) // 2, run, wait))
 
     def __enter__(self) -> SchedstatMonitor:
         self._thread.start()
