@@ -49,6 +49,7 @@ HOT_ROWS = 20
 WINDOW_S = 4.0
 SCHEDSTAT_TOLERANCE = 0.03
 SAMPLING_TOLERANCE = 0.10
+MIN_TIME_NS = 10 * MS  # per backend, of on-CPU and of run-queue time in the window
 SCRIPT = f"\\set r random(1, {HOT_ROWS})\nupdate hot set n = n + 1 where id = :r;"
 
 #: pgtrace's buckets (and the run-queue waits that interrupted them, which PostgreSQL's
@@ -208,8 +209,11 @@ def test_cpu_and_runqueue_match_schedstat_per_backend(totals: TotalsRun) -> None
                f"{totals.counters}")
     print(summary)
     print(df.sort_values("on_err")[["on", "run", "on_err", "rq", "wait", "rq_err"]].iloc[[0, -1]])
-    assert (df["run"] > 0.02 * (w.t1 - w.t0)).all(), f"backends hardly ran: {summary}"
-    assert (df["wait"] > 0.02 * (w.t1 - w.t0)).all(), f"no CPU pressure: {summary}"
+    # enough time that 3% of it is far above what the window's ends split (the few us of
+    # going to sleep after the last answer before each end); a busy machine leaves each
+    # backend 60-150 ms of CPU in the window
+    assert (df["run"] > MIN_TIME_NS).all(), f"backends hardly ran: {summary}"
+    assert (df["wait"] > MIN_TIME_NS).all(), f"no CPU pressure: {summary}"
     far = df[(df["on_err"].abs() > SCHEDSTAT_TOLERANCE)
              | (df["rq_err"].abs() > SCHEDSTAT_TOLERANCE)]
     assert far.empty, f"{summary}\n{far[['on', 'run', 'on_err', 'rq', 'wait', 'rq_err']]}"
