@@ -65,6 +65,9 @@ SETTINGS = {
     "checkpoint_timeout": "1h",
     "max_wal_size": "4GB",
     "pg_wait_sampling.profile_period": "1",
+    # the collector of the 17 build sampled every 10 ms (history_period) whatever the
+    # profile period; both at 1 ms: one round per ms
+    "pg_wait_sampling.history_period": "1",
     "pg_wait_sampling.profile_queries": "off",
 }
 
