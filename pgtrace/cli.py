@@ -274,6 +274,7 @@ def _write_outputs(outputs: dict[str, str | None], frame: Any, summary: dict[str
                 kind = "oncpu" if "oncpu" in opt else "offcpu"
                 lines = (header.get("stacks") or {}).get(kind, [])
                 write_private(path, "".join(line + "\n" for line in lines))
+                click.echo(f"wrote {path}", err=True)
         except OutputError as exc:
             failed.append(exc.message)
     if failed:

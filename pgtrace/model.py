@@ -92,6 +92,12 @@ COUNTS: tuple[str, ...] = (
     "n_ivcsw",
 )
 
+#: Where a backend's time went beside the buckets (req_event, after rq_ctx): on CPU inside
+#: a wait context (part of that context's bucket: a flush's own CPU work, say); then the
+#: gap before the request (since the previous request's end): all of it, on CPU, waiting
+#: for a CPU. The gap is outside the server time and its buckets.
+ACCOUNT_COLUMNS: tuple[str, ...] = ("ctx_cpu_ns", "idle_ns", "idle_cpu_ns", "idle_runq_ns")
+
 LWLOCK_PREFIX = "lwlock:"
 LOCK_PREFIX = "lock:"
 

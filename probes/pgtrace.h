@@ -208,6 +208,8 @@ static __always_inline void charge(struct task_state *st, u64 now)
 	if (b >= NBUCKETS)
 		return;
 	st->acc.buckets[b] += delta;
+	if (st->mode == MODE_ONCPU && b != B_CPU)
+		st->acc.ctx_cpu_ns += delta;
 #ifdef WITH_STACKS
 	/* not while idle: that wait is the client's, discarded when bytes arrive */
 	if (st->mode == MODE_BLOCKED && st->req == REQ_BUSY)

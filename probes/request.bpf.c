@@ -225,30 +225,59 @@ static __always_inline void recvfrom_enter(s32 fd)
 }
 
 /*
- * A receive returned.  Bytes while idle start a request.  A receive that
- * finds nothing to read (EAGAIN: the backend is about to wait for its
- * client) inside a request whose backend is still idle by its status entry
- * ends a request that was none: the messages read so far are answered
+ * A receive that finds nothing to read (EAGAIN: the backend is about to wait
+ * for its client) inside a request whose backend is still idle by its status
+ * entry ends a request that was none: the messages read so far are answered
  * without a ReadyForQuery (a Flush after the Sync psycopg sends when it
  * leaves a pipeline block, a Describe flushed by Flush), for Parse, Bind,
  * Execute, Query and FunctionCall all report the backend running before
- * anything else.  What the backend did for them is not the client's
- * request; the wait that follows is the client's.
+ * anything else.  What the backend did for them is not the client's request
+ * but part of the gap before the next one: the accumulator goes back to the
+ * gap's start, with the dropped part's CPU and run-queue time added to it.
  */
 #define EAGAIN_RET (-11)
+static __always_inline void drop_unanswered(struct task_state *st)
+{
+	u64 now = bpf_ktime_get_ns(), start, cpu, runq;
+
+	charge(st, now);
+	start = st->acc.t_start - st->acc.idle_ns;
+	cpu = st->acc.buckets[B_CPU] + st->acc.ctx_cpu_ns + st->acc.idle_cpu_ns;
+	runq = st->acc.buckets[B_RUNQUEUE] + st->acc.idle_runq_ns;
+	bump(C_UNANSWERED);
+	st->req = REQ_IDLE;
+	restart(st, now);
+	st->acc.t_start = start;
+	st->acc.buckets[B_CPU] = cpu;
+	st->acc.buckets[B_RUNQUEUE] = runq;
+}
+
+/*
+ * A receive returned.  The first bytes read while idle start a request.  The
+ * gap since the previous request's end (charged to the idle record's buckets,
+ * then dropped) is kept in the new record as idle_ns, idle_cpu_ns and
+ * idle_runq_ns: with the requests' own buckets they account for all of a
+ * backend's time once it has answered.
+ */
 static __always_inline void recvfrom_exit(struct task_state *st, long ret)
 {
-	u64 now;
+	u64 now, idle = 0, idle_cpu, idle_runq;
 	if (st->req == REQ_BUSY && ret == EAGAIN_RET && !st->partial && status_running() == 0) {
-		bump(C_UNANSWERED);
-		st->req = REQ_IDLE;
-		restart(st, bpf_ktime_get_ns());
+		drop_unanswered(st);
 		return;
 	}
 	if (ret <= 0 || st->req != REQ_IDLE)
 		return;
 	now = bpf_ktime_get_ns();
+	charge(st, now);
+	if (st->acc.t_start && now > st->acc.t_start)
+		idle = now - st->acc.t_start;
+	idle_cpu = st->acc.buckets[B_CPU];
+	idle_runq = st->acc.buckets[B_RUNQUEUE];
 	restart(st, now);
+	st->acc.idle_ns = idle;
+	st->acc.idle_cpu_ns = idle_cpu;
+	st->acc.idle_runq_ns = idle_runq;
 	st->acc.wakeup_ns = st->wake_runq_ns;
 	st->req = REQ_BUSY;
 	st->seed = SEED_NONE;

@@ -39,8 +39,12 @@ BPF_ARRAY(io_wait_ctx, u8, NIO_EVENTS);
  * my_wait_event_info points at a local variable until InitProcess() points it
  * at the backend's PGPROC, where it stays: it is read once the backend has
  * answered a request (seq > 0) and kept, so later sleeps cost one user read.
+ * Inside a context a probe opened (a heavyweight lock wait, a buffer write),
+ * only an LWLock wait is opened, as the innermost context: waking from a lock
+ * wait, a backend may wait for the lock manager's partition LWLock, and that
+ * time is lwlock:LockManager, as the probes would time it.
  */
-static __always_inline void enter_wait_event(struct task_state *st)
+static __always_inline void enter_wait_event(struct task_state *st, int lwlock_only)
 {
 	u64 ptr = st->wait_event_ptr;
 	u32 wei = 0, id;
@@ -56,6 +60,8 @@ static __always_inline void enter_wait_event(struct task_state *st)
 	if (bpf_probe_read_user(&wei, sizeof(wei), (void *)ptr) != 0)
 		return;
 	id = wei & PG_WAIT_ID_MASK;
+	if (lwlock_only && (wei & PG_WAIT_CLASS_MASK) != PG_WAIT_LWLOCK)
+		return;
 	switch (wei & PG_WAIT_CLASS_MASK) {
 	case PG_WAIT_LWLOCK:
 		st->acc.n_lwlock++;
@@ -98,7 +104,9 @@ static __always_inline void on_switch(void *ctx, u32 prev, u32 next, int runnabl
 			if (top_is(st, ORIGIN_SCHED))  /* its switch-in was not seen */
 				st->depth--;
 			if (st->req == REQ_BUSY && st->depth == 0)
-				enter_wait_event(st);
+				enter_wait_event(st, 0);
+			else if (st->req == REQ_BUSY && top_is(st, ORIGIN_PROBE))
+				enter_wait_event(st, 1);
 #endif
 #ifdef WITH_STACKS
 			st->off_ustack = st->off_kstack = -1;

@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from pgtrace.errors import AbiMismatchError
-from pgtrace.model import CONTEXTS, COUNTERS, COUNTS, FLAGS, LOCK_TYPES, SERVER_BUCKETS
+from pgtrace.model import (
+    ACCOUNT_COLUMNS,
+    CONTEXTS,
+    COUNTERS,
+    COUNTS,
+    FLAGS,
+    LOCK_TYPES,
+    SERVER_BUCKETS,
+)
 
 DEFAULT_QUERY_LEN = 128
 
@@ -99,6 +107,14 @@ Field = tuple[str, str, int | str | None, str]
 
 _COUNT_NOTES = {"n_vcsw": "voluntary context switches", "n_ivcsw": "preemptions"}
 _COUNT_FIELDS: tuple[Field, ...] = tuple((n, "u32", None, _COUNT_NOTES.get(n, "")) for n in COUNTS)
+_ACCOUNT_NOTES = {
+    "ctx_cpu_ns": "on CPU inside a wait context (part of that context's bucket)",
+    "idle_ns": "the gap before it: since the previous request's end (0: none)",
+    "idle_cpu_ns": "of that gap: on CPU",
+    "idle_runq_ns": "of that gap: waiting for a CPU (the wake-up's wait among it)",
+}
+_ACCOUNT_FIELDS: tuple[Field, ...] = tuple((n, "u64", None, _ACCOUNT_NOTES[n])
+                                           for n in ACCOUNT_COLUMNS)
 
 #: Every struct shared by the BPF programs and Python, in dependency order.
 STRUCTS: dict[str, tuple[Field, ...]] = {
@@ -124,6 +140,7 @@ STRUCTS: dict[str, tuple[Field, ...]] = {
         ("lock_ns", "u64", "NLOCKTYPES", ""),
         *_COUNT_FIELDS,
         ("rq_ctx", "u64", "NCTX", "runqueue split by the context it interrupted (CTX_*)"),
+        *_ACCOUNT_FIELDS,
         ("query", "char", "QUERY_LEN", ""),
     ),
     # a checkpoint of the traced cluster: [start, end), end 0 while it runs

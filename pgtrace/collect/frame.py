@@ -11,6 +11,7 @@ from pgtrace.collect.events import TRANCHE_ID_FLAG, RunqEvent, event_dtype
 from pgtrace.collect.waitevent import tranche_name
 from pgtrace.fingerprint import fingerprint, normalize
 from pgtrace.model import (
+    ACCOUNT_COLUMNS,
     CONTEXTS,
     COUNTS,
     FLAGS,
@@ -118,6 +119,8 @@ def records_frame(
     # partial: began before attach; aborted: its backend exited inside it
     for bit, name in enumerate(FLAGS):
         cols[name] = (a["flags"] >> bit) & 1
+    for name in ACCOUNT_COLUMNS:
+        cols[name] = a[name]
     block = np.empty((len(cols), len(a)), dtype=np.int64)
     for i, col in enumerate(cols.values()):
         block[i] = col

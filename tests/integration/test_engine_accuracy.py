@@ -52,14 +52,30 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 MS = 1_000_000
-#: Per WAL write: PostgreSQL's truncation to whole microseconds, or the syscall entry and
-#: exit its timer covers outside pgtrace's programs (0.45-0.7 us measured on the 2026-11
-#: VM; 1.2 us on the 2026-12 one, as for the flushes below).
+# PostgreSQL times a write or a flush around the system call; pgtrace from the syscall's
+# entry to its exit. Its timer therefore holds pgtrace's interval, and the two directions
+# of a comparison have different slack:
+#: Over-count (pgtrace's time above PostgreSQL's), per write: only PostgreSQL's rounding.
+#: Up to 16, pg_stat_wal and pg_stat_database add each duration truncated to whole
+#: microseconds (INSTR_TIME_GET_MICROSEC), losing < 1 us a write; pg_stat_io keeps
+#: nanoseconds. pgtrace's time may not exceed theirs by more than that. Measured on
+#: 2026-12-05 (the tests print "PostgreSQL's time ... us a write above pgtrace's"): WAL
+#: writes +0.04/+0.49 us (15, 1 and 8 clients), +0.51/+3.47 (17), +0.84/+1.17 (18); dirty
+#: buffer writes +0.19 (15), +0.86 (17); extensions and writes +0.51-0.70 (17); under a
+#: load average of ~10, up to +13 us. Never below pgtrace's: no over-count was seen, and
+#: one of 1 us a write fails this bound.
+TRUNC_US = 1.0
+#: Under-count (PostgreSQL's time above pgtrace's), per write: the syscall entry and exit
+#: and the user-space steps inside PostgreSQL's timer but outside pgtrace's programs
+#: (0.45-0.7 us measured on the 2026-11 VM; 1.2 us on the 2026-12 one, where a bare system
+#: call takes ~200 ns; 0.04-1.17 us on 2026-12-05 on a quiet machine, see TRUNC_US). The
+#: bounds that use it also add the requests' run-queue (and cpu) time, where the rest of a
+#: busy machine's excess goes.
 WRITE_GAP_US = 2.0
-#: Per WAL flush: the user-space part of issue_xlog_fsync and the syscall entry and exit
-#: around fdatasync, inside PostgreSQL's timer but outside pgtrace's (~0.2 us measured on
-#: the 2026-11 VM; 1.3-1.4 us on the 2026-12 one, where a bare system call takes ~200 ns,
-#: with the code of either date). Under 2% of a flush on both.
+#: Per WAL flush, the same under-count gap: the user-space part of issue_xlog_fsync and
+#: the syscall entry and exit around fdatasync (~0.2 us measured on the 2026-11 VM; 1.3-1.4
+#: us on the 2026-12 one, with the code of either date). Under 2% of a flush on both. The
+#: over-count direction has no slack: `fsync` (run-queue waits excluded) <= wal_sync_time.
 SYNC_USER_US = 2.0
 
 INSERT = "insert into t(data) values(1);"
@@ -87,6 +103,11 @@ def one(conn: Conn, sql: str, params: Any = None) -> Any:
     row = conn.execute(sql, params).fetchone()
     assert row is not None
     return row[0]
+
+
+def per_op_us(ms: float, n: int) -> float:
+    """A difference in ms, per operation, in us."""
+    return ms * 1000 / n if n else float("nan")
 
 
 def pct(a: float, b: float) -> str:
@@ -391,8 +412,9 @@ def test_wal_write_bounded_by_wal_write_time(bench: BenchRun, phase: str) -> Non
     PostgreSQL adds each write's duration truncated to whole microseconds, and its timer
     also covers the syscall's entry and exit outside pgtrace's programs (0.45-0.7 us
     measured here) and any run-queue wait there. Writes are short (4-8 us), so the bounds
-    are per write: wal_write + runqueue:wal_write <= wal_write_time + 1 us per write, and
-    wal_write_time <= that + the writing requests' other run-queue waits + 1 us per write.
+    are per write: wal_write + runqueue:wal_write <= wal_write_time + TRUNC_US per write
+    (over-count), and wal_write_time <= that + the writing requests' other run-queue waits
+    + WRITE_GAP_US per write (under-count).
     """
     p = bench.phases[phase]
     df = p.frame
@@ -401,16 +423,16 @@ def test_wal_write_bounded_by_wal_write_time(bench: BenchRun, phase: str) -> Non
     write_ms = p.wal_delta("wal_write_time")
     n_ours, n_pg = int(df["n_wal_write"].sum()), int(p.wal_delta("wal_write"))
     writing = df[df["n_wal_write"] > 0]
-    slack_ms = n_pg * WRITE_GAP_US / 1000
-    upper_ms = wall_ms + float(writing["runqueue:none"].sum()) / MS + slack_ms
+    upper_ms = wall_ms + float(writing["runqueue:none"].sum()) / MS + n_pg * WRITE_GAP_US / 1000
     detail = (f"{phase}: wal_write + runqueue:wal_write {wall_ms:.1f} ms vs "
-              f"wal_write_time {write_ms:.1f} ms ({pct(wall_ms, write_ms)}); upper bound "
-              f"{upper_ms:.1f} ms; writes: pgtrace {n_ours}, pg_stat_wal {n_pg}")
+              f"wal_write_time {write_ms:.1f} ms ({pct(wall_ms, write_ms)}; PostgreSQL's "
+              f"time {per_op_us(write_ms - wall_ms, n_pg):+.2f} us a write above pgtrace's); "
+              f"upper bound {upper_ms:.1f} ms; writes: pgtrace {n_ours}, pg_stat_wal {n_pg}")
     print(detail)
     assert n_pg > 100, f"not a WAL-writing workload: {detail}"
     assert n_ours == n_pg, detail
-    assert wall_ms <= write_ms + slack_ms, detail
-    assert write_ms <= upper_ms, detail
+    assert wall_ms <= write_ms + n_pg * TRUNC_US / 1000, f"over-count: {detail}"
+    assert write_ms <= upper_ms, f"under-count: {detail}"
 
 
 # --- 4b. WAL segment creation is not the WAL flush --------------------------------------------
@@ -1024,13 +1046,30 @@ def dirty() -> Iterator[Traced[dict[str, Any]]]:
         c.stop()
 
 
+#: Inside PostgreSQL's write and extend timers, outside pgtrace's io_write: forwarding the
+#: segment's fsync request to the checkpointer (register_dirty_segment, after mdwrite's
+#: probe) under this LWLock, a wait on a busy machine (8 ms once here, 15, load ~10).
+FSYNC_REQUEST_LWLOCK = "lwlock:CheckpointerComm"
+
+
 def io_write_bounds(r: pd.Series, ops: int) -> tuple[float, float, float]:
-    """(io_write + runqueue:io_write, slack for `ops` timer truncations, the upper bound of
-    PostgreSQL's time: that wall time + the request's cpu and other run-queue time + slack),
-    all in ms."""
+    """(io_write + runqueue:io_write; what PostgreSQL's rounding may take off `ops`
+    operations, the over-count slack; the upper bound of PostgreSQL's time: that wall time
+    + the request's cpu, its other run-queue time and its waits to forward fsync requests
+    + the gap outside pgtrace's interval per operation), all in ms."""
     wall_ms = (int(r["io_write"]) + int(r["runqueue:io_write"])) / MS
-    slack_ms = ops * WRITE_GAP_US / 1000
-    return wall_ms, slack_ms, wall_ms + (int(r["cpu"]) + int(r["runqueue:none"])) / MS + slack_ms
+    trunc_ms = ops * TRUNC_US / 1000
+    gap_ms = ops * WRITE_GAP_US / 1000
+    outside = (int(r["cpu"]) + int(r["runqueue:none"]) + int(r["runqueue:lwlock"])
+               + int(r.get(FSYNC_REQUEST_LWLOCK, 0)))
+    return wall_ms, trunc_ms, wall_ms + outside / MS + gap_ms
+
+
+def elsewhere(r: pd.Series) -> str:
+    """The request's other waits, for the failure message."""
+    cols = ["other_wait", "runqueue:lwlock", "runqueue:lock", "fsync", "wal_write",
+            *(c for c in r.index if str(c).startswith(("lwlock:", "lock:")))]
+    return ", ".join(f"{c} {int(r[c]) / MS:.2f}" for c in cols if int(r[c]))
 
 
 def test_evicting_dirty_buffers_is_io_write(dirty: Traced[dict[str, Any]]) -> None:
@@ -1041,25 +1080,29 @@ def test_evicting_dirty_buffers_is_io_write(dirty: Traced[dict[str, Any]]) -> No
 
     PostgreSQL's timer (around smgrwrite) holds the probes' interval (mdwrite's write)
     plus work outside it, which pgtrace counts as cpu or runqueue: the segment lookup,
-    forwarding the fsync request to the checkpointer (under CheckpointerCommLock), the
-    syscall's entry and exit. And it adds each write truncated to whole microseconds. So:
-    io_write + runqueue:io_write <= write time + 1 us per write <= that + the request's
-    cpu and other run-queue time.
+    forwarding the fsync request to the checkpointer (under CheckpointerCommLock, which
+    it may wait for: lwlock:CheckpointerComm), the syscall's entry and exit. And it adds
+    each write truncated to whole microseconds (up to 15). So:
+    io_write + runqueue:io_write <= write time + TRUNC_US per write (over-count) <= that +
+    the request's cpu, other run-queue time and CheckpointerComm waits + WRITE_GAP_US per
+    write (under-count).
     """
     sc = dirty.value
     r = the_request(dirty.run.frame, sc["pid"], sc["window"])
     n_ours = int(r["n_write"])
-    wall_ms, slack_ms, upper_ms = io_write_bounds(r, n_ours)
+    wall_ms, trunc_ms, upper_ms = io_write_bounds(r, n_ours)
     detail = (f"scan of {DIRTY_ROWS} fresh rows: server {int(r['server_ns']) / MS:.1f} ms, "
               f"io_write {int(r['io_write']) / MS:.1f} ms, + runqueue:io_write {wall_ms:.1f} ms"
               f" vs PostgreSQL's write time {sc['write_ms']:.1f} ms "
-              f"({pct(wall_ms, sc['write_ms'])}); upper bound {upper_ms:.1f} ms; writes: "
-              f"pgtrace {n_ours}, PostgreSQL {sc['writes']}")
+              f"({pct(wall_ms, sc['write_ms'])}; PostgreSQL's time "
+              f"{per_op_us(sc['write_ms'] - wall_ms, n_ours):+.2f} us a write above pgtrace's); "
+              f"upper bound {upper_ms:.1f} ms; writes: pgtrace {n_ours}, PostgreSQL "
+              f"{sc['writes']}; elsewhere (ms): {elsewhere(r)}")
     print(detail)
     assert n_ours > 500, f"the backend hardly wrote: {detail}"
     if sc["pg_stat_io"]:
         assert n_ours == sc["writes"], detail
-    assert wall_ms <= sc["write_ms"] + slack_ms, detail
+    assert wall_ms <= sc["write_ms"] + trunc_ms, detail
     assert sc["write_ms"] <= upper_ms, detail
 
 
@@ -1107,24 +1150,35 @@ def test_relation_extension_is_io_write(extend: Traced[dict[str, Any]]) -> None:
     """io_write holds the extensions' system calls as well as the buffer writes: against
     PostgreSQL's extend_time + write_time (timers around smgrzeroextend/smgrextend and
     smgrwrite, each truncated to whole microseconds), with the same bounds as the dirty
-    buffer test: io_write + runqueue:io_write <= that time + 1 us per operation <= that +
-    the request's cpu and other run-queue time. Without the extensions in io_write, the
-    second bound fails whenever they are a visible share of the time."""
+    buffer test. And the extensions are in io_write: it holds more than the buffer writes
+    could (their time + TRUNC_US each), whenever extending takes visible time.
+
+    Flaky before on a busy machine (17: with 2 us a write of slack in that last bound,
+    -19.2% once in a full matrix; here 2 of 6 runs beside two busy loops and a dd failed
+    it, wall - write_time 10-12 ms against 12 ms of slack); now the slack is the writes'
+    rounding only (1985 writes: 2 ms)."""
     sc = extend.value
     r = the_request(extend.run.frame, sc["pid"], sc["window"])
     pg_ms = sc["extend_ms"] + sc["write_ms"]
-    wall_ms, slack_ms, upper_ms = io_write_bounds(r, sc["extends"] + sc["writes"])
+    wall_ms, trunc_ms, upper_ms = io_write_bounds(r, sc["extends"] + sc["writes"])
     detail = (f"insert of {EXTEND_ROWS} rows ({sc['pages']} pages): server "
               f"{int(r['server_ns']) / MS:.1f} ms, io_write {int(r['io_write']) / MS:.1f} ms, "
               f"+ runqueue:io_write {wall_ms:.1f} ms vs PostgreSQL's extend_time "
               f"{sc['extend_ms']:.1f} ms + write_time {sc['write_ms']:.1f} ms "
               f"({pct(wall_ms, pg_ms)}); upper bound {upper_ms:.1f} ms; PostgreSQL: "
               f"{sc['extends']} pages extended, "
-              f"{sc['writes']} written; pgtrace: {int(r['n_write'])} probe writes")
+              f"{sc['writes']} written; pgtrace: {int(r['n_write'])} probe writes; "
+              f"PostgreSQL's time {per_op_us(pg_ms - wall_ms, sc['extends'] + sc['writes']):+.2f}"
+              f" us an operation above pgtrace's; elsewhere (ms): {elsewhere(r)}")
     print(detail)
     assert sc["extends"] >= EXTEND_ROWS // 20, f"the table hardly grew: {detail}"
     assert int(r["n_write"]) == sc["writes"], detail
-    assert wall_ms <= pg_ms + slack_ms, detail
+    assert wall_ms <= pg_ms + trunc_ms, detail
     assert pg_ms <= upper_ms, detail
-    # the extensions are in io_write: more than the buffer writes alone
-    assert wall_ms > sc["write_ms"] + slack_ms or sc["extend_ms"] < slack_ms, detail
+    # the extensions are in io_write: more than the buffer writes alone could be (their
+    # time, with its rounding: the over-count bound of the writes by themselves). Measured
+    # here (17, 2026-12-05): wall - write_time 9-14 ms quiet, 7-23 ms beside two busy loops
+    # and a dd, against 2 ms of rounding; extend_time 13-24 ms.
+    writes_alone_ms = sc["write_ms"] + sc["writes"] * TRUNC_US / 1000
+    assert wall_ms > writes_alone_ms or sc["extend_ms"] < trunc_ms, (
+        f"the extensions are not in io_write: {detail}")

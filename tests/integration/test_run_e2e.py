@@ -20,7 +20,11 @@ module fixtures, computed once and shared by the tests that read them:
   preempts a hog at once, so the hogs show in the tail of server_wakeup (over 1 ms:
   0.02-0.11% of requests without, 1.1-1.3% with, 10x-50x) far more than in its mean
   (1.31x-1.69x); client_wakeup (the driver uses its whole time slice) grew 14x-24x
-  in the mean, and over 1 ms from 0-0.07% to 3.4-3.7% of requests.
+  in the mean, and over 1 ms from 0-0.07% to 3.4-3.7% of requests. With other load
+  (load average 8, 2026-12-05, 18) the calm tail was 1.4-6.5% and grew only 3.2x-4.8x:
+  so the growth is now held to schedstat's of the same tasks (see the tests), read every
+  20 ms around each run, which pgtrace's run-queue totals match within 0.5% (backends)
+  and 1.2% (driver) there.
 - ``delayed``: 1 runner, 2 s straight to the server, then 2 s through a proxy
   (delayproxy.py) holding every chunk 4 ms on its way to the server and 2 ms on its way
   back: request_transit and response_transit must each grow by their own delay (plus the
@@ -29,6 +33,7 @@ module fixtures, computed once and shared by the tests that read them:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +41,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +58,7 @@ from pgtrace.model import E2E_BUCKETS, REPORT_BUCKETS
 from pgtrace.run import RunOptions, RunOutcome, run_profile
 from tests.conftest import ClusterLike
 from tests.integration.delayproxy import DelayProxy, delay_proxy, forwarding_cost
-from tests.integration.workload import cpu_hogs
+from tests.integration.workload import SchedstatMonitor, cpu_hogs
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -62,10 +68,15 @@ HOG_RATE = 3000.0  # requests/s: the driver keeps it up with and without the hog
 #: least growth of the mean wake-up per request beside two hogs (see the module docstring)
 # Least growth of the mean per request. Only the driver's: a woken backend usually
 # preempts a hog at once (wake-up preemption), so the server side's mean moved 0.9-1.7x
-# across runs here; what grows without fail on both sides is the tail below.
+# across runs here. Both sides' means are also held to the growth schedstat shows for the
+# same tasks in the same windows (other load moves both alike; a fixed factor on the tail,
+# >= 5x, failed at 3.2x-4.8x on a busy machine).
 HOG_FACTOR = {"client_wakeup": 3.0}
 HOG_TAIL_NS = 1_000_000  # a wake-up longer than this waited out a hog's time slice
-HOG_TAIL_FACTOR = 5.0  # least growth of the share of such wake-ups (measured >= 10x)
+#: pgtrace's run-queue time of a task against its schedstat over the same window
+SCHEDSTAT_TOLERANCE = 0.03
+#: which tasks' run-queue waits (run_waits keys) each wake-up bucket is part of
+WAKEUP_SIDE = {"server_wakeup": "backend", "client_wakeup": "driver"}
 #: the proxy's hold per direction, ns: different, so that swapped transits are caught
 DELAY_NS = {"request_transit": 4_000_000, "response_transit": 2_000_000}
 # What a transit may exceed its delay by, beyond the proxy's own logged cost (per request)
@@ -148,23 +159,76 @@ def queued(dsn: str) -> RunOutcome:
     return profile(dsn, runners=40, connections=4, duration=2)
 
 
+@dataclass
+class HogArm:
+    """The runs of one arm, pooled: joined requests, and per run the run-queue waits of
+    the driver's backends and of the driver itself by pgtrace and by schedstat."""
+
+    frames: list[pd.DataFrame] = field(default_factory=list)
+    waits: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return pd.concat(self.frames, ignore_index=True)
+
+    def total(self, key: str) -> float:
+        return sum(w[key] for w in self.waits)
+
+
+def run_waits(out: RunOutcome, mon: SchedstatMonitor) -> dict[str, float]:
+    """Run-queue time of one run, ns, over each task's window of schedstat readings:
+    the backends' by pgtrace (requests' runqueue + the gaps' idle_runq_ns, wake-ups
+    among it; and the wake-ups alone) and by schedstat; the driver's (its run-queue
+    waits as pgtrace reports them) and schedstat's."""
+    srv = out.trace.frame
+    w = dict.fromkeys(("backend_pgtrace", "backend_wakeups", "backend_sched", "requests",
+                       "driver_pgtrace", "driver_sched"), 0.0)
+    for pid in set(out.frame["pid"]):
+        if pid not in mon.readings:
+            continue
+        t0, t1, _run, wait = mon.window(int(pid))
+        mine = srv[(srv["pid"] == pid) & (srv["t_start"] >= t0) & (srv["t_end"] <= t1)]
+        w["backend_pgtrace"] += float((mine["runqueue"] + mine["idle_runq_ns"]).sum())
+        w["backend_wakeups"] += float(mine["wakeup_ns"].sum())
+        w["backend_sched"] += wait
+        w["requests"] += len(mine)
+    runq = out.trace.client_runq
+    for tid in set(runq["client_tid"]) if len(runq) else set():
+        if tid not in mon.readings:
+            continue
+        # from once pgtrace follows it (its first reported wait), not from its start
+        first = int(runq.loc[runq["client_tid"] == tid, "start"].min())
+        t0, t1, _run, wait = mon.window(int(tid), after=first)
+        mine = runq[(runq["client_tid"] == tid) & (runq["start"] >= t0) & (runq["end"] <= t1)]
+        w["driver_pgtrace"] += float((mine["end"] - mine["start"]).sum())
+        w["driver_sched"] += wait
+    return w
+
+
 @pytest.fixture(scope="module")
-def hogs(dsn: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(calm, hogged) pooled frames: the same open-loop load, alternately beside two
-    busy-looping processes per CPU (one per CPU left the server side's tail growing by
-    only 3.7x-4.7x in some runs on 18, where 10x was usual)."""
+def hogs(pg_cluster: ClusterLike) -> tuple[HogArm, HogArm]:
+    """(calm, hogged): the same open-loop load, alternately beside two busy-looping
+    processes per CPU (one per CPU left the server side's tail growing by only 3.7x-4.7x
+    in some runs on 18, where 10x was usual), with schedstat of the driver's backends and
+    of the driver read every 20 ms."""
+    if not pg_cluster.postmaster_pid:
+        pytest.skip("the test server's postmaster is not visible from this machine")
     cpus = sorted(os.sched_getaffinity(0))
-    calm: list[pd.DataFrame] = []
-    hogged: list[pd.DataFrame] = []
+    calm, hogged = HogArm(), HogArm()
+    parents = [pg_cluster.postmaster_pid, os.getpid()]
     for _ in range(3):  # pooled: the calm tail is a few dozen wake-ups
-        out = profile(dsn, runners=8, connections=8, duration=3, rate=HOG_RATE)
-        assert out.summary["unmatched"] == 0
-        calm.append(out.frame)
-        with cpu_hogs([cpus[i % len(cpus)] for i in range(2 * len(cpus))]):
-            out = profile(dsn, runners=8, connections=8, duration=3, rate=HOG_RATE)
-        assert out.summary["unmatched"] == 0
-        hogged.append(out.frame)
-    return pd.concat(calm, ignore_index=True), pd.concat(hogged, ignore_index=True)
+        for arm in (calm, hogged):
+            with contextlib.ExitStack() as stack:
+                if arm is hogged:
+                    stack.enter_context(cpu_hogs([cpus[i % len(cpus)]
+                                                  for i in range(2 * len(cpus))]))
+                mon = stack.enter_context(SchedstatMonitor(parents))
+                out = profile(pg_cluster.dsn, runners=8, connections=8, duration=3,
+                              rate=HOG_RATE)
+            assert out.summary["unmatched"] == 0
+            arm.frames.append(out.frame)
+            arm.waits.append(run_waits(out, mon))
+    return calm, hogged
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +330,8 @@ def test_client_queue_is_the_drivers_queue_wait(run: str,
 
 
 @pytest.mark.parametrize("bucket", ["server_wakeup", "client_wakeup"])
-def test_wakeups_grow_beside_cpu_hogs(bucket: str,
-                                      hogs: tuple[pd.DataFrame, pd.DataFrame]) -> None:
-    calm, hogged = hogs
+def test_wakeups_grow_beside_cpu_hogs(bucket: str, hogs: tuple[HogArm, HogArm]) -> None:
+    calm, hogged = hogs[0].frame, hogs[1].frame
     a, b = float(calm[bucket].mean()), float(hogged[bucket].mean())
     ta = float((calm[bucket] > HOG_TAIL_NS).mean())
     tb = float((hogged[bucket] > HOG_TAIL_NS).mean())
@@ -278,7 +341,50 @@ def test_wakeups_grow_beside_cpu_hogs(bucket: str,
     print(seen)
     if bucket in HOG_FACTOR:
         assert b >= HOG_FACTOR[bucket] * a, f"{seen}; expected >= {HOG_FACTOR[bucket]}x"
-    assert tb >= HOG_TAIL_FACTOR * ta and tb > 0, f"{seen}; expected >= {HOG_TAIL_FACTOR}x"
+    # No fixed factor on the tail: other load on the machine raises the calm arm's waits
+    # (the tail over 1 ms grew only 1.9x-4.8x on 18 with a load average of 8, 10x-50x on
+    # a quiet machine, where >= 5x was asserted). What the wake-ups are made of is checked
+    # against schedstat of the same tasks in the same windows (test below, within 3%);
+    # here: schedstat says the hogs lengthened those tasks' run-queue waits, and the
+    # wake-ups grew with them, in the mean and in the tail. (Not by schedstat's factor:
+    # server_wakeup grew 3.3x against 2.1x once, 1.59x against 1.60x another time.)
+    side = WAKEUP_SIDE[bucket]
+    growth = per_request_growth(hogs, f"{side}_sched")
+    seen += f"; the {side}s' run-queue wait per request (schedstat) grew {growth:.2f}x"
+    assert growth > 1, f"{seen}; the hogs did not lengthen the {side}s' run-queue waits"
+    assert b > a and tb > ta, f"{seen}; the wake-ups did not grow with them"
+
+
+def per_request_growth(hogs: tuple[HogArm, HogArm], key: str) -> float:
+    """How much `key` per request grew from the calm arm to the hogged one."""
+    calm, hogged = hogs
+    return (hogged.total(key) / hogged.total("requests")) / (
+        calm.total(key) / calm.total("requests"))
+
+
+@pytest.mark.parametrize("side", ["backend", "driver"])
+def test_run_queue_waits_beside_cpu_hogs_match_schedstat(side: str,
+                                                         hogs: tuple[HogArm, HogArm]) -> None:
+    """What the wake-up buckets are made of, against schedstat of the same tasks over the
+    same windows (read every 20 ms, so that other load moves both alike): the driver's
+    backends' run-queue time (requests' runqueue + the gaps' idle_runq_ns, the wake-up
+    that delivers a request among it) and the driver's (every run-queue wait pgtrace
+    reports for it), with and without the hogs, within 3% per arm. Measured on 18: pooled
+    -0.2%..+1.0% (backends) and -2.0%..+1.8% (driver), single runs up to 3.3%; readings
+    the monitor thread was held up in (over 100 us) are dropped: with them, single calm
+    runs came out 5-18% above schedstat."""
+    rows = []
+    for name, arm in zip(("calm", "hogged"), hogs, strict=True):
+        ours, theirs = arm.total(f"{side}_pgtrace"), arm.total(f"{side}_sched")
+        runs = " ".join(f"{w[f'{side}_pgtrace'] / w[f'{side}_sched'] - 1:+.2%}"
+                        for w in arm.waits if w[f"{side}_sched"])
+        rows.append((name, ours, theirs, f"{name}: pgtrace {ours / 1e6:.1f} ms vs schedstat "
+                                         f"{theirs / 1e6:.1f} ms (runs: {runs})"))
+    seen = f"{side} run-queue time, " + "; ".join(r[3] for r in rows)
+    print(seen)
+    for _name, ours, theirs, _ in rows:
+        assert theirs > 0, seen
+        assert abs(ours - theirs) <= SCHEDSTAT_TOLERANCE * theirs, seen
 
 
 # --- transits against an injected delay -----------------------------------------------------

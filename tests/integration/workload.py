@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,30 @@ def pgbench_path(cluster: ClusterLike) -> str:
     return own if cluster.bin_dir and os.access(own, os.X_OK) else PGBENCH_DEFAULT
 
 
+def pgbench_cmd(cluster: ClusterLike, path: str, *, clients: int, mode: str = "simple",
+                extra: list[str] | None = None) -> list[str]:
+    """pgbench running the script at `path` against `cluster` (no vacuum, -j up to 2)."""
+    return [
+        pgbench_path(cluster), "-n", "-h", cluster.socket_dir, "-p", str(cluster.port),
+        "-U", "postgres", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
+        "-f", path, *(extra or []), "postgres",
+    ]
+
+
+PGBENCH_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def pgbench_result(returncode: int, out: str, lines: list[str] | None = None) -> Pgbench:
+    """pgbench's own count of processed (and failed) transactions, from its output."""
+    if returncode != 0:
+        raise AssertionError(f"pgbench failed ({returncode}): {out}")
+    m = re.search(r"number of transactions actually processed: (\d+)", out)
+    if m is None:
+        raise AssertionError(f"no transaction count in pgbench's output: {out}")
+    fm = re.search(r"number of failed transactions: (\d+)", out)
+    return Pgbench(int(m.group(1)), int(fm.group(1)) if fm else 0, out, lines or [])
+
+
 def pgbench(
     cluster: ClusterLike,
     script: str,
@@ -153,35 +178,91 @@ def pgbench(
         path = os.path.join(tmp, "script.sql")
         with open(path, "w", encoding="utf-8") as f:
             f.write(script.strip() + "\n")
-        cmd = [
-            pgbench_path(cluster), "-n", "-h", cluster.socket_dir, "-p", str(cluster.port),
-            "-U", "postgres", "-M", mode, "-c", str(clients), "-j", str(min(clients, 2)),
-            "-f", path,
-        ]
+        extra: list[str] = []
         if seconds is not None:
-            cmd += ["-T", str(seconds)]
+            extra += ["-T", str(seconds)]
         if transactions is not None:
-            cmd += ["-t", str(transactions)]
+            extra += ["-t", str(transactions)]
         if log:
-            cmd += ["-l", "--log-prefix", os.path.join(tmp, "log")]
-        cmd.append("postgres")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
-                             timeout=120)
+            extra += ["-l", "--log-prefix", os.path.join(tmp, "log")]
+        cmd = pgbench_cmd(cluster, path, clients=clients, mode=mode, extra=extra)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=PGBENCH_ENV,
+                             check=False, timeout=120)
         out = res.stdout + res.stderr
-        if res.returncode != 0:
-            raise AssertionError(f"pgbench failed ({res.returncode}): {out}")
         lines: list[str] = []
-        if log:
+        if log and res.returncode == 0:
             for name in sorted(os.listdir(tmp)):
                 if name.startswith("log"):
                     with open(os.path.join(tmp, name), encoding="utf-8") as f:
                         lines += f.read().splitlines()
-    m = re.search(r"number of transactions actually processed: (\d+)", out)
-    if m is None:
-        raise AssertionError(f"no transaction count in pgbench's output: {out}")
-    fm = re.search(r"number of failed transactions: (\d+)", out)
-    return Pgbench(int(m.group(1)), int(fm.group(1)) if fm else 0, out, lines)
+    return pgbench_result(res.returncode, out, lines)
+
+
+class PausedPgbench:
+    """pgbench in the background, that can be stopped (SIGSTOP) at a quiet point: once
+    every one of its backends has answered its last request and sleeps reading its socket,
+    nothing any of them does is in flight, and /proc/<pid>/schedstat of each is still.
+
+    `quiet()` stops pgbench and waits for that; `resume()` lets it go on."""
+
+    def __init__(self, conn: Conn, cluster: ClusterLike, script: str, *, clients: int,
+                 seconds: int) -> None:
+        self._conn = conn
+        self._tmp = tempfile.TemporaryDirectory(prefix="pgtrace-bench-")
+        path = os.path.join(self._tmp.name, "script.sql")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(script.strip() + "\n")
+        self._out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in finish)
+        self.proc = subprocess.Popen(
+            pgbench_cmd(cluster, path, clients=clients, extra=["-T", str(seconds)]),
+            stdout=self._out, stderr=subprocess.STDOUT, env=PGBENCH_ENV)
+        self.clients = clients
+        self.pids: list[int] = []
+
+    def connected(self, timeout: float = 30.0) -> list[int]:
+        """Wait until all its clients are connected; their backends' pids."""
+        q = ("select pid from pg_stat_activity where application_name = 'pgbench'"
+             " and backend_type = 'client backend' order by pid")
+
+        def all_there() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pgbench ended early: {self.finish().output}")
+            self.pids = [int(r[0]) for r in self._conn.execute(q).fetchall()]
+            return len(self.pids) == self.clients
+
+        wait_for(all_there, timeout, f"{self.clients} pgbench connections")
+        return self.pids
+
+    def quiet(self, timeout: float = 10.0) -> None:
+        """Stop pgbench; wait until each backend is idle and asleep."""
+        self.proc.send_signal(signal.SIGSTOP)
+        q = ("select count(*) from pg_stat_activity where pid = any(%s)"
+             " and state = 'idle'")
+
+        def idle() -> bool:
+            row = self._conn.execute(q, (self.pids,)).fetchone()
+            return (row is not None and int(row[0]) == len(self.pids)
+                    and all(proc_state(p) == "S" for p in self.pids))
+
+        wait_for(idle, timeout, "the pgbench backends to go idle")
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def finish(self, timeout: float = 120.0) -> Pgbench:
+        """Let it run to its end (continued first); its own counts."""
+        self.proc.send_signal(signal.SIGCONT)
+        rc = self.proc.wait(timeout)
+        self._out.seek(0)
+        out = self._out.read()
+        self._out.close()
+        self._tmp.cleanup()
+        return pgbench_result(rc, out)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 # --- /proc ------------------------------------------------------------------------------------
@@ -192,6 +273,64 @@ def schedstat(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
         run, wait, _slices = f.read().split()
     return int(run), int(wait)
+
+
+class SchedstatMonitor:
+    """/proc/<pid>/schedstat of every child of some processes (a postmaster, this test
+    process: a driver it starts), read every `period` seconds
+    from a thread while the `with` block runs: per pid, the first and the last reading
+    (CLOCK_MONOTONIC ns, on-CPU ns, run-queue ns), and every reading between. Backends
+    that come and go inside the block are caught while they live; what a backend does
+    before its first reading or after its last is outside its window."""
+
+    MAX_READ_NS = 100_000
+
+    def __init__(self, parents: list[int], period: float = 0.02) -> None:
+        self._parents = parents
+        self._period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="schedstat", daemon=True)
+        self.readings: dict[int, list[tuple[int, int, int]]] = {}
+
+    def _children(self) -> list[int]:
+        out: list[int] = []
+        for parent in self._parents:
+            for task in os.listdir(f"/proc/{parent}/task"):
+                try:
+                    with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as f:
+                        out += [int(p) for p in f.read().split()]
+                except OSError:
+                    continue  # a thread that ended
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            for pid in self._children():
+                before = time.monotonic_ns()
+                try:
+                    run, wait = schedstat(pid)
+                except (OSError, ValueError):
+                    continue  # gone
+                after = time.monotonic_ns()
+                # a reading this thread was held up in (the GIL, a CPU) has no exact time
+                if after - before <= self.MAX_READ_NS:
+                    self.readings.setdefault(pid, []).append(((before + after) // 2, run, wait))
+
+    def __enter__(self) -> SchedstatMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def window(self, pid: int, after: int = 0) -> tuple[int, int, int, int]:
+        """(t0, t1, on-CPU ns, run-queue ns) of `pid` from its first reading at or after
+        `after` (CLOCK_MONOTONIC ns) to its last."""
+        got = self.readings[pid]
+        t0, r0, w0 = next((r for r in got if r[0] >= after), got[-1])
+        t1, r1, w1 = got[-1]
+        return t0, t1, r1 - r0, w1 - w0
 
 
 def proc_state(pid: int) -> str:

@@ -53,3 +53,16 @@ def test_floor_attaches_where_the_engine_does(bench: ModuleType) -> None:
     finally:
         floor.cleanup()
     assert engine_tps and floor_tps == engine_tps
+
+
+def test_read_scale_is_the_ratio_of_shared_buffers(bench: ModuleType) -> None:
+    # ~15 MB of pgbench_accounts and its index per unit of scale
+    assert bench.read_scale(32, 8) == 18  # 8 x 32 MB = 256 MB -> 17.07, rounded up
+    assert bench.read_scale(32, 8) * bench.PGBENCH_MB_PER_SCALE >= 8 * 32
+    assert bench.read_scale(128, 4) == 35
+    assert bench.read_scale(1, 0.1) == 1  # never below 1
+
+
+def test_per_txn_divides_by_the_runs_transactions(bench: ModuleType) -> None:
+    assert bench.per_txn(3000.0, 100.0, 10) == 3.0  # 1000 transactions
+    assert bench.per_txn(5.0, 0.0, 10) == 5.0  # no transaction: no division by zero

@@ -28,7 +28,15 @@ from pgtrace.collect.events import (
     struct_types,
 )
 from pgtrace.errors import AbiMismatchError
-from pgtrace.model import CONTEXTS, COUNTERS, COUNTS, FLAGS, LOCK_TYPES, SERVER_BUCKETS
+from pgtrace.model import (
+    ACCOUNT_COLUMNS,
+    CONTEXTS,
+    COUNTERS,
+    COUNTS,
+    FLAGS,
+    LOCK_TYPES,
+    SERVER_BUCKETS,
+)
 
 # bcc warns about str table names; that is bcc's business, not this test's
 pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
@@ -90,7 +98,7 @@ def test_counts_are_the_u32_fields_in_order() -> None:
     names = [f[0] for f in req_event_type()._fields_]
     i = names.index(COUNTS[0])
     assert names[i : i + len(COUNTS)] == list(COUNTS)
-    assert names[i + len(COUNTS) :] == ["rq_ctx", "query"]
+    assert names[i + len(COUNTS) :] == ["rq_ctx", *ACCOUNT_COLUMNS, "query"]
 
 
 @pytest.mark.parametrize("qlen", [128, 64, 200])
