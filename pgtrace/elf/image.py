@@ -117,16 +117,15 @@ class ElfImage:
             raise TargetError(f"address {vaddr:#x} is not in any file-backed PT_LOAD segment")
         return offset
 
-    def load_bias(self, pid: int, mapped_as: str | None = None) -> int:
+    def load_bias(self, pid: int) -> int:
         """Runtime minus link-time address of this image in `pid` (0 for a fixed image).
 
-        ``mapped_as``: the path `pid`'s maps name it by, when not ``self.path``.
         OSError when `pid` is gone, LookupError when it does not map the image.
         """
         if not self.segments:
             raise LookupError(f"{self.path} has no PT_LOAD segment")
         vaddr, offset, _size = min(self.segments)
-        return proc.offset_address(pid, mapped_as or self.path, offset) - vaddr
+        return proc.offset_address(pid, self.path, offset) - vaddr
 
 
 @contextmanager
