@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+from pgtrace.proc import argv, cmdline
+
 #: Settings that matter for write latency, kept in every capture's header.
 WRITE_SETTINGS: tuple[str, ...] = (
     "wal_sync_method",
@@ -35,9 +37,8 @@ WRITE_SETTINGS: tuple[str, ...] = (
 
 
 def postmaster_args(pid: int) -> list[str]:
-    """The postmaster's command line."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [a.decode() for a in f.read().split(b"\0") if a]
+    """The postmaster's command line ([] when it is gone)."""
+    return argv(cmdline(pid))
 
 
 def server_settings(
@@ -48,11 +49,14 @@ def server_settings(
     Settings changed by SET or per role/database are not seen; a setting that
     cannot be read is left out.
     """
+    command = postmaster_args(postmaster_pid)
     try:
-        args = postmaster_args(postmaster_pid)[1:]
         st = os.stat(data_dir)
     except OSError:
         return {}
+    if not command:
+        return {}  # the postmaster is gone
+    args = command[1:]
     if st.st_uid == 0:
         return {}  # PostgreSQL never runs as root: whatever runs here is not a server to trust
     out: dict[str, str] = {}

@@ -10,11 +10,14 @@ import os
 import platform
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
+from pgtrace.elf.image import open_image
+from pgtrace.elf.version import binary_version as binary_version  # callers' name
+from pgtrace.elf.version import parse_version as parse_version
 from pgtrace.errors import TargetError, UnsupportedError
+from pgtrace.proc import PROC, children, cmdline, ns_pids, read_stat, title_of
+from pgtrace.proc import parse_stat as parse_stat  # doctor's name for it
 
-PROC = "/proc"
 POSTGRES_EXES = frozenset({"postgres", "postmaster"})
 PF_KTHREAD = 0x00200000  # task flag of kernel threads (include/linux/sched.h)
 ROOT_HINT = "run as root: sudo pgtrace ..."
@@ -69,12 +72,6 @@ UNKNOWN = "unknown"
 
 # The host part of a backend title: "[local]" or "host(port)".
 _HOST_RE = re.compile(r"(?:^|\s)(?:\[local\]|\S+\(\d+\))(?:\s|$)")
-_VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(\S*)")
-# In the binary's read-only data: what `postgres --version` prints (PG_BACKEND_VERSIONSTR),
-# and what SQL version() returns (PG_VERSION_STR); neither is ever executed to be read.
-_BACKEND_VERSIONSTR_RE = re.compile(rb"postgres \(PostgreSQL\) (\d+)([^\s\x00]*)")
-_VERSION_STR_RE = re.compile(rb"PostgreSQL (\d+)([^\s\x00]*)[^\x00]{0,200}? on [^\x00]{1,100}?, "
-                             rb"compiled by ")
 
 
 @dataclass(frozen=True)
@@ -106,11 +103,6 @@ class Target:
 # ---------------------------------------------------------------- pure parsing
 
 
-def title_of(cmdline: bytes) -> str:
-    """The process title from raw /proc/PID/cmdline bytes (first NUL-ended field)."""
-    return cmdline.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
-
-
 def backend_kind(title: str) -> str:
     """The kind of a postmaster child from its process title.
 
@@ -139,14 +131,6 @@ def _starts_with_word(text: str, word: str) -> bool:
     return text == word or text.startswith(word + " ")
 
 
-def parse_stat(stat: str) -> tuple[str, str, int, int]:
-    """(comm, state, ppid, flags) from the text of /proc/PID/stat."""
-    left, _, right = stat.rpartition(")")
-    comm = left.split("(", 1)[1] if "(" in left else left
-    fields = right.split()
-    return comm, fields[0], int(fields[1]), int(fields[6])
-
-
 @dataclass(frozen=True)
 class PidFile:
     """The lines of postmaster.pid that matter here."""
@@ -170,14 +154,6 @@ def parse_pidfile(text: str) -> PidFile:
         port=int(port_s) if port_s.isdigit() else None,
         socket_dir=sock or None,
     )
-
-
-def parse_version(output: str) -> tuple[str, int]:
-    """("15.18", 15) from `postgres --version` output."""
-    m = _VERSION_RE.search(output)
-    if not m:
-        raise ValueError(f"unrecognised version output: {output.strip()!r}")
-    return m.group(1) + m.group(2), int(m.group(1))
 
 
 def machine_name(e_machine: str) -> str:
@@ -217,8 +193,7 @@ def _read_proc(pid: int) -> _Proc:
     if pid <= 0:
         raise TargetError(f"no process {pid}")
     try:
-        with open(f"{PROC}/{pid}/stat") as f:
-            comm, state, ppid, flags = parse_stat(f.read())
+        comm, state, ppid, flags = read_stat(pid)
     except FileNotFoundError:
         raise TargetError(f"no process {pid}") from None
     except ProcessLookupError:
@@ -248,67 +223,14 @@ def _is_postgres(proc: _Proc) -> bool:
     return os.path.basename(proc.exe.removesuffix(" (deleted)")) in POSTGRES_EXES
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"{PROC}/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _children(pid: int) -> list[int]:
-    """Child pids of a process: /proc/PID/task/*/children, or a /proc scan."""
-    try:
-        tids = os.listdir(f"{PROC}/{pid}/task")
-    except OSError:
-        return []
-    kids: list[int] = []
-    for tid in tids:
-        try:
-            with open(f"{PROC}/{pid}/task/{tid}/children") as f:
-                kids.extend(int(x) for x in f.read().split())
-        except FileNotFoundError:
-            if not os.path.exists(f"{PROC}/{pid}/task/{tid}/children"):
-                return _children_by_scan(pid)  # no CONFIG_PROC_CHILDREN
-        except OSError:
-            continue
-    return sorted(set(kids))
-
-
-def _children_by_scan(pid: int) -> list[int]:
-    kids = []
-    for name in os.listdir(PROC):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"{PROC}/{name}/stat") as f:
-                if parse_stat(f.read())[2] == pid:
-                    kids.append(int(name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return sorted(kids)
-
-
-def _ns_pids(pid: int) -> list[int]:
-    """The pid in each nested pid namespace (NSpid line), outermost first."""
-    try:
-        with open(f"{PROC}/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return [int(x) for x in line.split()[1:]]
-    except OSError:
-        pass
-    return [pid]
-
-
 # ---------------------------------------------------------------- public API
 
 
 def list_backends(postmaster_pid: int) -> tuple[Backend, ...]:
     """The current children of a postmaster with their kinds (vanished ones skipped)."""
     out = []
-    for kid in _children(postmaster_pid):
-        raw = _cmdline(kid)
+    for kid in children(postmaster_pid):
+        raw = cmdline(kid)
         if not raw:
             continue  # exited meanwhile
         out.append(Backend(pid=kid, kind=backend_kind(title_of(raw))))
@@ -350,7 +272,7 @@ def find_target(pid: int) -> Target:
             "restart the server so it runs the installed binary",
         )
     pidfile = _read_pidfile(pm)
-    if pidfile.pid not in (pm, _ns_pids(pm)[-1]):
+    if pidfile.pid not in (pm, ns_pids(pm)[-1]):
         raise TargetError(
             f"pid {pm} is a postgres process but not a running postmaster: "
             f"postmaster.pid in {pidfile.data_dir} names pid {pidfile.pid}"
@@ -383,10 +305,8 @@ def find_target(pid: int) -> Target:
 
 def binary_machine(path: str) -> str:
     """The ELF e_machine of a binary ("EM_X86_64", "EM_AARCH64", ...)."""
-    from pgtrace.elf.usdt import open_elf
-
-    with open_elf(path) as elf:
-        return str(elf["e_machine"])
+    with open_image(path) as image:
+        return image.machine
 
 
 def require_supported_binary(path: str, pm: int | None = None) -> str:
@@ -397,45 +317,6 @@ def require_supported_binary(path: str, pm: int | None = None) -> str:
         who = f"postmaster {pm} ({path})" if pm is not None else path
         raise UnsupportedError(f"cannot trace {who}: {problem}")
     return machine
-
-
-def binary_version(path: str) -> tuple[str, int]:
-    """(version, major) of a postgres binary, read from its .rodata (cached per file).
-
-    The binary is never run: when root profiles a cluster, the binary belongs to whoever
-    installed it. Both version strings PostgreSQL compiles in must agree.
-    """
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise TargetError(f"cannot read {path}: {exc.strerror}") from None
-    return _version_of(path, st.st_dev, st.st_ino, st.st_mtime_ns)
-
-
-def versions_in(data: bytes) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
-    """The versions named by PG_BACKEND_VERSIONSTR and by PG_VERSION_STR in `data`."""
-
-    def found(regex: re.Pattern[bytes]) -> set[tuple[str, int]]:
-        return {(m.group(1).decode() + m.group(2).decode("ascii", "replace"), int(m.group(1)))
-                for m in regex.finditer(data)}
-
-    return found(_BACKEND_VERSIONSTR_RE), found(_VERSION_STR_RE)
-
-
-@lru_cache(maxsize=16)
-def _version_of(path: str, dev: int, ino: int, mtime_ns: int) -> tuple[str, int]:
-    del dev, ino, mtime_ns  # cache key only
-    from pgtrace.elf.usdt import open_elf
-
-    with open_elf(path) as elf:
-        section = elf.get_section_by_name(".rodata")
-        data: bytes = section.data() if section is not None else b""
-    backend, full = versions_in(data)
-    if len(backend) != 1 or (full and full != backend):
-        seen = sorted(v for v, _m in backend | full)
-        what = f"names versions {', '.join(seen)}" if seen else "names no PostgreSQL version"
-        raise TargetError(f"{path} {what} in its read-only data: not a PostgreSQL server binary")
-    return next(iter(backend))
 
 
 def _running_version(pm: int, binary: str) -> tuple[str, int]:

@@ -7,11 +7,10 @@ known per major version and checked against live backends before use.
 
 from __future__ import annotations
 
-import os
 import struct
 
-from pgtrace.elf.symbols import object_address
-from pgtrace.elf.usdt import load_segments, open_elf
+from pgtrace.elf.image import data_address
+from pgtrace.proc import read_mem, read_pointer
 
 #: offsetof(PgBackendStatus, st_activity_raw) on 64-bit Linux, by major version. The fields
 #: before it (utils/backend_status.h) are the same from 13 to 18; 18 adds st_plan_id after it.
@@ -31,40 +30,21 @@ def state_running(major: int) -> int:
     return 3 if major >= 18 else 2
 
 
-def load_bias(binary: str, pid: int) -> int:
-    """Runtime address minus link-time address of `binary` in `pid`."""
-    with open_elf(binary) as elf:
-        lowest = min(vaddr for vaddr, _off, _size in load_segments(elf))
-    real = os.path.realpath(binary)
-    with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            parts = line.split()
-            if len(parts) >= 6 and int(parts[2], 16) == 0 and os.path.realpath(parts[5]) == real:
-                return int(parts[0].split("-")[0], 16) - (lowest & ~0xFFF)
-    raise LookupError(f"{binary} is not mapped in pid {pid}")
-
-
-def _read(pid: int, addr: int, size: int) -> bytes:
-    with open(f"/proc/{pid}/mem", "rb") as mem:
-        mem.seek(addr)
-        return mem.read(size)
-
-
 def _check(pid: int, entry_ptr: int, offset: int) -> bool | None:
     """Whether pid's PgBackendStatus names pid and has a readable activity string.
 
     None when pid has no entry (or is gone): it says nothing about the layout.
     """
     try:
-        (entry,) = struct.unpack("<Q", _read(pid, entry_ptr, 8))
+        entry = read_pointer(pid, entry_ptr)
         if not entry:
             return None
-        (procpid,) = struct.unpack("<i", _read(pid, entry + PROCPID_OFFSET, 4))
-        (raw,) = struct.unpack("<Q", _read(pid, entry + offset, 8))
-        (state,) = struct.unpack("<i", _read(pid, entry + offset - STATE_GAP, 4))
+        (procpid,) = struct.unpack("<i", read_mem(pid, entry + PROCPID_OFFSET, 4))
+        raw = read_pointer(pid, entry + offset)
+        (state,) = struct.unpack("<i", read_mem(pid, entry + offset - STATE_GAP, 4))
         if procpid != pid or not raw or not 0 <= state <= MAX_STATE:
             return False
-        text = _read(pid, raw, 64).split(b"\0", 1)[0]
+        text = read_mem(pid, raw, 64).split(b"\0", 1)[0]
         return all(32 <= b < 127 or b in (9, 10, 13) or b >= 128 for b in text)
     except (OSError, ValueError, OverflowError, struct.error):
         return None
@@ -73,12 +53,13 @@ def _check(pid: int, entry_ptr: int, offset: int) -> bool | None:
 def locate_activity(binary: str, major: int, pids: list[int]) -> tuple[int, int] | None:
     """(runtime address of MyBEEntry, st_activity_raw offset), checked on live backends."""
     offset = ACTIVITY_RAW_OFFSET.get(major)
-    vaddr = object_address(binary, "MyBEEntry")
-    if offset is None or vaddr is None or not pids:
+    if offset is None or not pids:
         return None
     try:
-        addr = load_bias(binary, pids[0]) + vaddr
+        addr = data_address(binary, pids[0], "MyBEEntry")
     except (OSError, LookupError):
+        return None
+    if addr is None:
         return None
     verdicts = [v for v in (_check(p, addr, offset) for p in pids) if v is not None]
     # every backend with an entry must agree: one mismatch means the layout is not known

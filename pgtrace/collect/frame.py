@@ -22,6 +22,7 @@ from pgtrace.model import (
     SERVER_BUCKETS,
     UNEXPLAINED,
 )
+from pgtrace.proc import read_mem
 
 
 class TrancheNames:
@@ -49,9 +50,7 @@ class TrancheNames:
     def _read(self, addr: int) -> str:
         for pid in self._pids():
             try:
-                with open(f"/proc/{pid}/mem", "rb") as mem:
-                    mem.seek(addr)
-                    raw = mem.read(64)
+                raw = read_mem(pid, addr, 64)
             except (OSError, ValueError, OverflowError):
                 continue
             text = raw.split(b"\0", 1)[0].decode("ascii", "replace")

@@ -26,6 +26,7 @@ from pgtrace.collect.events import (
     abi_header,
     check_layout,
 )
+from pgtrace.elf.image import load_bias
 from pgtrace.elf.symbols import symbol_offset
 from pgtrace.elf.usdt import ProbeSite, probes_by_name, read_probes
 from pgtrace.errors import (
@@ -280,21 +281,6 @@ def attach_uprobe(
     att.perf_fds.append(fd)
 
 
-def text_bias(binary: str, pid: int, offset: int) -> int:
-    """Runtime address minus file offset for `offset` in `pid`'s mapping of `binary`."""
-    real = os.path.realpath(binary)
-    with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            parts = line.split()
-            if len(parts) < 6 or os.path.realpath(parts[5]) != real:
-                continue
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            pgoff = int(parts[2], 16)
-            if pgoff <= offset < pgoff + (hi - lo):
-                return lo - pgoff
-    raise NoProbesError(f"{binary} offset {offset:#x} is not mapped in pid {pid}")
-
-
 def arg_spec(site: ProbeSite, argno: int) -> ct.Structure | None:
     """The C argspec for one argument of a site, or None if unreadable."""
     if argno >= len(site.args):
@@ -354,14 +340,17 @@ def fill_usdt_args(bpf: Any, sites: dict[str, list[ProbeSite]], binary: str, pid
     An unreadable spec stays out of the map: BPF counts it (badarg).
     """
     args = bpf["usdt_args"]
+    try:
+        bias = load_bias(binary, pid)
+    except LookupError:
+        raise NoProbesError(f"{binary} is not mapped in pid {pid}") from None
     for probe, (_fn, argno) in USDT_PROBES.items():
         if argno is None or config.skips(probe):
             continue
         for site in sites.get(probe, []):
             spec = arg_spec(site, argno)
             if spec is not None:
-                bias = text_bias(binary, pid, site.file_offset)
-                args[ArgKey(ip=bias + site.file_offset, argno=argno)] = spec
+                args[ArgKey(ip=bias + site.address, argno=argno)] = spec
 
 
 def attach_all(

@@ -30,7 +30,8 @@ from pgtrace.collect.ringbuf import RingReader
 from pgtrace.collect.stacks import folded
 from pgtrace.elf.usdt import ProbeSite
 from pgtrace.model import COUNTERS
-from pgtrace.target import CLIENT, backend_kind, list_backends, title_of
+from pgtrace.proc import cmdline, state, title_of
+from pgtrace.target import CLIENT, backend_kind, list_backends
 
 _WAL_NAME = re.compile(r"/pg_wal/[0-9A-F]{24}$")
 
@@ -52,28 +53,15 @@ def wal_fd_of(pid: int) -> int:
 
 def _is_client(pid: int) -> bool:
     """Whether pid is a client backend (a session), not an auxiliary process."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return backend_kind(title_of(f.read())) == CLIENT
-    except OSError:
-        return False
-
-
-def _proc_state(pid: int) -> str:
-    """The one-letter state of a task ("R", "S", ...), "" if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
+    return backend_kind(title_of(cmdline(pid))) == CLIENT
 
 
 def _running(pid: int) -> bool:
-    return _proc_state(pid) == "R"
+    return state(pid) == "R"
 
 
 def _alive(pid: int) -> bool:
-    return _proc_state(pid) not in ("", "Z", "X")
+    return state(pid) not in ("", "Z", "X")
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import struct
 
-from pgtrace.collect.activity import load_bias
-from pgtrace.elf.symbols import object_address
+from pgtrace.elf.image import data_address
 from pgtrace.model import CONTEXTS
+from pgtrace.proc import read_mem, read_pointer
 from pgtrace.tranche_table import IO_EVENTS, TRANCHES
 
 
@@ -51,13 +51,10 @@ def io_contexts(major: int) -> tuple[int, ...]:
 
 def _pointer(pid: int, addr: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/mem", "rb") as mem:
-            mem.seek(addr)
-            (ptr,) = struct.unpack("<Q", mem.read(8))
-            if ptr:
-                mem.seek(ptr)
-                mem.read(4)
-            return int(ptr)
+        ptr = read_pointer(pid, addr)
+        if ptr:
+            read_mem(pid, ptr, 4)
+        return ptr
     except (OSError, ValueError, OverflowError, struct.error):
         return None
 
@@ -70,11 +67,8 @@ def locate_wait_event_info(binary: str, major: int, postmaster_pid: int) -> int 
     """
     if not supported(major):
         return None
-    vaddr = object_address(binary, "my_wait_event_info")
-    if vaddr is None:
-        return None
     try:
-        addr = load_bias(binary, postmaster_pid) + vaddr
+        addr = data_address(binary, postmaster_pid, "my_wait_event_info")
     except (OSError, LookupError):
         return None
-    return addr if _pointer(postmaster_pid, addr) else None
+    return addr if addr is not None and _pointer(postmaster_pid, addr) else None

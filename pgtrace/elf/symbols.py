@@ -6,7 +6,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from pgtrace.elf.usdt import file_stamp, load_segments, open_elf, segment_offset
+from pgtrace.elf.image import Segment, file_stamp, open_image, segment_offset
 from pgtrace.errors import NoProbesError
 
 # Functions pgtrace puts uprobes on to find request boundaries (both protocols).
@@ -31,7 +31,7 @@ class Symbol:
     file_offset: int
 
 
-def _functions(table: Any, segments: list[tuple[int, int, int]]) -> dict[str, Symbol]:
+def _functions(table: Any, segments: list[Segment]) -> dict[str, Symbol]:
     """Defined STT_FUNC symbols of one symbol table; globals win over locals."""
     found: dict[str, Symbol] = {}
     local: set[str] = set()
@@ -56,13 +56,10 @@ def _functions(table: Any, segments: list[tuple[int, int, int]]) -> dict[str, Sy
 
 
 def _read_symbols(path: str) -> dict[str, Symbol]:
-    with open_elf(path) as elf:
-        segments = load_segments(elf)
+    with open_image(path) as image:
         symbols: dict[str, Symbol] = {}
-        for section_name in (".symtab", ".dynsym"):  # .dynsym last: it wins on a clash
-            table = elf.get_section_by_name(section_name)
-            if table is not None and hasattr(table, "iter_symbols"):
-                symbols.update(_functions(table, segments))
+        for table in image.symbol_tables():  # .dynsym last: it wins on a clash
+            symbols.update(_functions(table, image.segments))
     return symbols
 
 
@@ -85,16 +82,3 @@ def symbol_offset(path: str, name: str) -> int:
             "use an unstripped PostgreSQL build that exports it (Debian's does)",
         )
     return symbol.file_offset
-
-
-def object_address(path: str, name: str) -> int | None:
-    """Link-time address of a defined data symbol (STT_OBJECT), or None."""
-    with open_elf(path) as elf:
-        for section in ("dynsym", "symtab"):
-            table = elf.get_section_by_name(f".{section}")
-            if table is None:
-                continue
-            for sym in table.get_symbol_by_name(name) or []:
-                if sym["st_info"]["type"] == "STT_OBJECT" and sym["st_shndx"] != "SHN_UNDEF":
-                    return int(sym["st_value"])
-    return None

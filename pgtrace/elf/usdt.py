@@ -8,22 +8,17 @@ provider, name and the argument specs (``-4@-144(%rbp) 8@%rax $0`` ...).
 from __future__ import annotations
 
 import functools
-import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
+from pgtrace.elf.image import Segment, file_stamp, open_image, segment_offset
 from pgtrace.errors import NoProbesError, TargetError
 
 NOTE_SECTION = ".note.stapsdt"
 BASE_SECTION = ".stapsdt.base"
-_NOTE_OWNER = b"stapsdt\0"
+_NOTE_OWNER = "stapsdt"
 _NT_STAPSDT = 3
 
 
@@ -129,66 +124,6 @@ def parse_args(text: str) -> tuple[ArgSpec, ...]:
     return tuple(parse_arg(part) for part in text.split())
 
 
-@contextmanager
-def open_elf(path: str | os.PathLike[str]) -> Iterator[Any]:
-    """Open ``path`` as an ELFFile, turning every failure into one TargetError."""
-    name = os.fspath(path)
-    try:
-        stream: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise TargetError(f"cannot read {name}: {exc.strerror or exc}") from exc
-    with stream:
-        try:
-            elf = ELFFile(stream)
-        except (ELFError, struct.error) as exc:
-            raise TargetError(f"{name} is not an ELF file") from exc
-        try:
-            yield elf
-        except (ELFError, struct.error) as exc:
-            raise TargetError(f"{name} is a damaged ELF file: {exc}") from exc
-
-
-def load_segments(elf: Any) -> list[tuple[int, int, int]]:
-    """(vaddr, offset, filesz) of every PT_LOAD segment."""
-    return [
-        (seg["p_vaddr"], seg["p_offset"], seg["p_filesz"])
-        for seg in elf.iter_segments()
-        if seg["p_type"] == "PT_LOAD"
-    ]
-
-
-def segment_offset(segments: Iterable[tuple[int, int, int]], vaddr: int) -> int | None:
-    for seg_vaddr, seg_offset, filesz in segments:
-        if seg_vaddr <= vaddr < seg_vaddr + filesz:
-            return vaddr - seg_vaddr + seg_offset
-    return None
-
-
-def vaddr_to_offset(path_or_elffile: str | os.PathLike[str] | Any, vaddr: int) -> int:
-    """File offset of link-time ``vaddr``, through the PT_LOAD segment that maps it."""
-    if isinstance(path_or_elffile, str | os.PathLike):
-        with open_elf(path_or_elffile) as elf:
-            return vaddr_to_offset(elf, vaddr)
-    offset = segment_offset(load_segments(path_or_elffile), vaddr)
-    if offset is None:
-        raise TargetError(f"address {vaddr:#x} is not in any file-backed PT_LOAD segment")
-    return offset
-
-
-def _iter_notes(data: bytes, little: bool) -> Iterator[tuple[int, bytes, bytes]]:
-    """Yield (type, owner, desc) for each ELF note in a note section."""
-    endian = "<" if little else ">"
-    pos = 0
-    while pos + 12 <= len(data):
-        namesz, descsz, ntype = struct.unpack_from(f"{endian}III", data, pos)
-        pos += 12
-        name = data[pos : pos + namesz]
-        pos += (namesz + 3) & ~3
-        desc = data[pos : pos + descsz]
-        pos += (descsz + 3) & ~3
-        yield ntype, name, desc
-
-
 def _decode_desc(desc: bytes, little: bool, wide: bool) -> tuple[int, int, int, list[str]]:
     """(pc, base, semaphore, [provider, name, args]) of one stapsdt note."""
     fmt = ("<" if little else ">") + ("QQQ" if wide else "III")
@@ -201,24 +136,19 @@ def _decode_desc(desc: bytes, little: bool, wide: bool) -> tuple[int, int, int, 
 
 
 def _read_probes(path: str) -> list[ProbeSite]:
-    with open_elf(path) as elf:
-        section = elf.get_section_by_name(NOTE_SECTION)
-        if section is None:
+    with open_image(path) as image:
+        if image.section(NOTE_SECTION) is None:
             raise _no_probes(path)
-        base_section = elf.get_section_by_name(BASE_SECTION)
-        base_addr: int = base_section["sh_addr"] if base_section is not None else 0
-        little: bool = elf.little_endian
-        wide = elf.elfclass == 64
-        segments = load_segments(elf)
+        base_addr = image.section_addr(BASE_SECTION)
         sites: list[ProbeSite] = []
-        for ntype, owner, desc in _iter_notes(section.data(), little):
+        for ntype, owner, desc in image.notes(NOTE_SECTION):
             if ntype != _NT_STAPSDT or owner != _NOTE_OWNER:
                 continue
-            pc, base, sema, (provider, name, args) = _decode_desc(desc, little, wide)
+            pc, base, sema, (provider, name, args) = _decode_desc(desc, image.little, image.wide)
             if base and base_addr:  # prelink moved the image: shift by the same delta
                 pc += base_addr - base
                 sema += (base_addr - base) if sema else 0
-            sites.append(_site(path, segments, provider, name, pc, base, sema, args))
+            sites.append(_site(path, image.segments, provider, name, pc, base, sema, args))
     if not sites:
         raise _no_probes(path)
     return sites
@@ -226,7 +156,7 @@ def _read_probes(path: str) -> list[ProbeSite]:
 
 def _site(
     path: str,
-    segments: list[tuple[int, int, int]],
+    segments: list[Segment],
     provider: str,
     name: str,
     pc: int,
@@ -251,15 +181,6 @@ def _no_probes(path: str) -> NoProbesError:
 @functools.lru_cache(maxsize=16)
 def _cached_probes(path: str, _stamp: tuple[int, int, int]) -> tuple[ProbeSite, ...]:
     return tuple(_read_probes(path))
-
-
-def file_stamp(path: str) -> tuple[int, int, int]:
-    """(mtime_ns, size, inode) of ``path``, the key for per-file caches."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise TargetError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def read_probes(path: str) -> list[ProbeSite]:

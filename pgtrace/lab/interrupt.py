@@ -12,11 +12,11 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TypeVar
 
 from pgtrace.errors import PgtraceError
+from pgtrace.proc import argv, children, cmdline
 
 T = TypeVar("T")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -30,16 +30,11 @@ class LabInterrupted(PgtraceError):
 
 def driver_children() -> list[int]:
     """Our child processes that are driver workers (`python -m pgtrace load`)."""
-    pids: list[int] = []
-    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            pids += [int(p) for p in task.read_text().split()]
     out = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"pgtrace" in argv and b"load" in argv:
-                out.append(pid)
+    for pid in children(os.getpid()):
+        args = argv(cmdline(pid))
+        if "pgtrace" in args and "load" in args:
+            out.append(pid)
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pgtrace.cluster import SERVER_USER, TempCluster
 from pgtrace.errors import EnvironmentError_
+from pgtrace.proc import children
 
 BLKIO = Path("/sys/fs/cgroup/blkio")
 DEVICE_BYTES = 2 << 30  # sparse; WAL segments are 16 MB
@@ -46,11 +47,7 @@ def check_blkio() -> None:
 
 def cluster_pids(postmaster_pid: int) -> list[int]:
     """The postmaster and its children, from /proc."""
-    pids = [postmaster_pid]
-    for task in Path(f"/proc/{postmaster_pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            pids += [int(p) for p in task.read_text().split()]
-    return pids
+    return [postmaster_pid, *children(postmaster_pid)]
 
 
 def _move(pids: list[int], cgroup: Path) -> None:

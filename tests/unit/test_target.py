@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pgtrace import target
+from pgtrace import proc, target
 from pgtrace.errors import TargetError
+from pgtrace.proc import parse_stat, title_of
 from pgtrace.target import (
     backend_kind,
     binary_version,
@@ -23,9 +24,7 @@ from pgtrace.target import (
     find_target,
     list_backends,
     parse_pidfile,
-    parse_stat,
     parse_version,
-    title_of,
 )
 
 
@@ -295,7 +294,7 @@ def test_list_backends_lists_children() -> None:
         wait_for(lambda: len(list_backends(parent.pid)) == 2)
         kids = list_backends(parent.pid)
         assert all(b.kind == "unknown" for b in kids)  # titles are not postgres titles
-        assert [b.pid for b in kids] == target._children_by_scan(parent.pid)
+        assert [b.pid for b in kids] == proc.children_by_scan(parent.pid)
     finally:
         for kid in kids:
             os.kill(kid.pid, signal.SIGKILL)

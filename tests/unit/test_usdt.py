@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pgtrace.elf.image import vaddr_to_offset
 from pgtrace.elf.symbols import REQUEST_SYMBOLS
 from pgtrace.elf.usdt import (
     ArgSpec,
@@ -19,7 +20,6 @@ from pgtrace.elf.usdt import (
     parse_arg,
     probes_by_name,
     read_probes,
-    vaddr_to_offset,
 )
 from pgtrace.errors import NoProbesError, TargetError
 from pgtrace.report.probes import render_probes
