@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -23,6 +23,9 @@ from pgtrace.cliargs import (
     WORKERS,
 )
 from pgtrace.errors import OutputError, PgtraceError, ServerError
+
+if TYPE_CHECKING:
+    from pgtrace.capture import Header
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -277,7 +280,7 @@ def _check_dsn(dsn: str | None) -> str | None:
 
 
 def _write_outputs(outputs: dict[str, str | None], frame: Any, summary: dict[str, Any],
-                   header: dict[str, Any]) -> None:
+                   header: Header) -> None:
     """Write each output asked for (mode 0600, atomically); one OutputError for failures."""
     import json
 
@@ -294,8 +297,8 @@ def _write_outputs(outputs: dict[str, str | None], frame: Any, summary: dict[str
             elif opt == "--summary-json":
                 write_private(path, json.dumps(summary, indent=2) + "\n")
             else:  # folded stacks, for flamegraph.pl or speedscope
-                kind = "oncpu" if "oncpu" in opt else "offcpu"
-                lines = (header.get("stacks") or {}).get(kind, [])
+                stacks = header.get("stacks", {})
+                lines = stacks.get("oncpu", []) if "oncpu" in opt else stacks.get("offcpu", [])
                 write_private(path, "".join(line + "\n" for line in lines))
         except OutputError as exc:
             failed.append(exc.message)
@@ -416,7 +419,7 @@ def run(dsn: str | None, workload: str, runners: int, connections: int | None,
                                  rate=rate, payload_bytes=payload_bytes, query_text=query_text,
                                  workers=workers, batch_rows=batch_rows, copy=use_copy,
                                  sql_file=sql_file))
-    header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
+    header = out.header
     click.echo(f"({out.cluster_note})")
     text_report(out.frame, header, sys.stdout)  # as `pgtrace report` prints the capture
     _write_outputs(outputs, out.frame, out.summary, header)

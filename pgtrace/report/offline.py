@@ -15,19 +15,19 @@ from rich.console import Console
 from rich.table import Table
 
 from pgtrace.aggregate import capture_summary, compare_table, per_fingerprint, per_second
-from pgtrace.capture import read_capture
+from pgtrace.capture import Header, read_capture
 from pgtrace.e2e import run_summary
 from pgtrace.errors import OutputError, UsageError
 from pgtrace.outputs import MODE
 from pgtrace.report.text import fmt_ns, render_e2e, render_text
 
 
-def _is_run(df: pd.DataFrame, header: dict[str, Any]) -> bool:
+def _is_run(df: pd.DataFrame, header: Header) -> bool:
     """A capture of `pgtrace run`: driver requests joined to their server records."""
     return "latency_ns" in df.columns and "run" in header
 
 
-def json_report(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+def json_report(df: pd.DataFrame, header: Header) -> dict[str, Any]:
     """Summary shape (a run's, for a run capture) plus per-fingerprint and per-second
     sections."""
     out = run_summary(df, header) if _is_run(df, header) else capture_summary(df, header)
@@ -102,7 +102,7 @@ def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | Non
     render_compare({p: df for p, df, _h in loaded}, stream)
 
 
-def text_report(df: pd.DataFrame, header: dict[str, Any], stream: TextIO) -> None:
+def text_report(df: pd.DataFrame, header: Header, stream: TextIO) -> None:
     """One capture as text, as `pgtrace run` prints it live: end to end (a run), server."""
     if _is_run(df, header):
         render_e2e(df, run_summary(df, header), stream)

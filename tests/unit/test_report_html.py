@@ -13,20 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pgtrace.aggregate import bucket_table, per_second, summary, wait_table
+from pgtrace.aggregate import bucket_table, capture_summary, per_second, summary, wait_table
 from pgtrace.errors import PgtraceError
 from pgtrace.model import E2E_BUCKETS, REPORT_BUCKETS, SERVER_BUCKETS, UNEXPLAINED
-from pgtrace.report import html as report_html
-from pgtrace.report.html import (
-    Capture,
-    build_page,
-    capture_summary,
-    percentiles,
-    render_html,
-    stacked_means_figure,
-    timeline_figure,
-)
+from pgtrace.report import export as report_export
+from pgtrace.report.common import Capture
+from pgtrace.report.figures import percentiles, stacked_means_figure
+from pgtrace.report.html import build_page, render_html
 from pgtrace.report.text import fmt_ns
+from pgtrace.report.timeline import timeline_figure
 
 T0 = 5_000_000_000_000  # CLOCK_MONOTONIC ns of the first request
 SEC = 1_000_000_000
@@ -388,7 +383,7 @@ def test_several_captures_side_by_side() -> None:
     assert "#1 bigint.pgtrace mean/req" in page and "#2 uuidv4.pgtrace share" in page
     assert page.count("window.PlotlyConfig") == 1
     # the bucket bars: one horizontal bar per capture in every bucket trace, on one axis
-    pg = build_page([cap(a), cap(b)])
+    pg, _page = build_page([cap(a), cap(b)])
     _slug, bars = pg.figures[0]
     assert [t.name for t in bars.data] == list(REPORT_BUCKETS)
     assert all(t.orientation == "h" and len(t.x) == len(t.y) == 2 for t in bars.data)
@@ -401,7 +396,7 @@ def test_several_captures_side_by_side() -> None:
 def test_stacked_bars_sum_to_the_mean_server_time(
     attach_capture: tuple[str, pd.DataFrame, dict[str, Any]]
 ) -> None:
-    pg = build_page([cap(attach_capture)])
+    pg, _page = build_page([cap(attach_capture)])
     _slug, bars = pg.figures[0]
     df = attach_capture[1]
     exact = [int(t.customdata[0][0]) for t in bars.data]
@@ -472,7 +467,7 @@ def test_png_failure_in_the_browser_is_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
     attach_capture: tuple[str, pd.DataFrame, dict[str, Any]],
 ) -> None:
-    monkeypatch.setattr(report_html, "_check_png_export", lambda: None)
+    monkeypatch.setattr(report_export, "check_png_export", lambda: None)
 
     def chrome_missing(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("\nKaleido requires Google Chrome to be installed.\n\nEither ...\n")
