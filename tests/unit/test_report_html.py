@@ -504,3 +504,37 @@ def test_capture_round_trip_agrees_with_json_and_text(tmp_path: Any) -> None:
     assert line in text.getvalue()
     plain = re.sub(r"<[^>]+>", "", page)
     assert line in plain
+
+
+# --- templates and the table of reporters -------------------------------------------------
+
+
+def test_every_text_is_escaped_by_the_template() -> None:
+    header = synthetic_header()
+    header["settings"]["application_name"] = "<b>\"q\" & 'x'</b>"
+    header["cluster_note"] = "<script>alert(2)</script>"
+    page = render([("<i>a.pgtrace", synthetic_frame(n=50), header)])
+    assert "&lt;b&gt;&#34;q&#34; &amp; &#39;x&#39;&lt;/b&gt;" in page
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in page
+    assert "<script>alert(2)" not in page and "<i>a.pgtrace" not in page
+    assert "<title>pgtrace report: &lt;i&gt;a.pgtrace</title>" in page
+
+
+def test_stylesheet_is_inlined_unescaped() -> None:
+    page = render([("a.pgtrace", synthetic_frame(n=50), synthetic_header())])
+    style = page[page.index("<style>"):page.index("</style>")]
+    assert "font-family: system-ui, -apple-system, 'Segoe UI', sans-serif" in style
+    assert "td.num { text-align: right;" in style
+
+
+def test_report_formats_are_the_table_of_reporters() -> None:
+    import click
+
+    from pgtrace.cli import cli
+    from pgtrace.report.offline import REPORTERS
+
+    report = cli.commands["report"]
+    fmt = next(p for p in report.params if p.name == "fmt")
+    assert isinstance(fmt.type, click.Choice)
+    assert sorted(fmt.type.choices) == sorted(REPORTERS)
+    assert [f for f, r in REPORTERS.items() if r.png] == ["html"]
