@@ -1,10 +1,13 @@
-"""What every part of the HTML report shares: one capture as the page shows it, the colours."""
+"""What every part of the HTML report shares: one capture as the page shows it, the colours,
+the templates."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
+import jinja2
 import pandas as pd
 
 from pgtrace.capture import Header
@@ -73,3 +76,16 @@ def axis_unit(max_ns: float) -> tuple[str, float]:
 def e2e_column(bucket: str) -> str:
     return "e2e_unexplained" if bucket == UNEXPLAINED else bucket
 
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("pgtrace.report", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+    )
+
+
+def template(name: str) -> jinja2.Template:
+    """One of templates/, every text it is given escaped (HTML and SVG alike)."""
+    return _environment().get_template(name)

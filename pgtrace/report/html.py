@@ -23,11 +23,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from functools import cache
 from importlib import resources
 from typing import Any, TextIO
 
-import jinja2
 import pandas as pd
 from markupsafe import Markup
 
@@ -37,20 +35,12 @@ from pgtrace.capture import Header
 from pgtrace.errors import PgtraceError
 from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX
 from pgtrace.report import export, tables
-from pgtrace.report.common import Capture
+from pgtrace.report.common import Capture, template
 from pgtrace.report.figures import Figure, percentiles_figure, stacked_means_figure
 from pgtrace.report.folded import flame_svg
 from pgtrace.report.timeline import timeline_figure
 
 PLOT_CONFIG: dict[str, Any] = {"displaylogo": False, "responsive": True}
-
-
-@cache
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("pgtrace.report", "templates"),
-        autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-    )
 
 
 def _stylesheet() -> Markup:
@@ -95,14 +85,14 @@ def _labels(paths: list[str]) -> list[str]:
 def _flames(cap: Capture) -> list[Markup]:
     """On-CPU and off-CPU flame graphs when the capture has stacks (attach --stacks)."""
     stacks = cap.header.get("stacks", {})
-    out = []
+    out: list[Markup] = []
     if stacks.get("oncpu"):
         out.append(flame_svg(stacks["oncpu"], title=f"on-CPU ({stacks.get('hz', 99)} Hz "
                              "samples inside requests)", unit="samples"))
     if stacks.get("offcpu"):
         out.append(flame_svg(stacks["offcpu"], title="off-CPU (time blocked, by bucket)",
                              unit="ns"))
-    return [Markup(svg) for svg in out]  # folded.flame_svg escapes its texts
+    return out
 
 
 def _capture_part(page: Page, i: int, c: Capture, several: bool) -> dict[str, Any]:
@@ -135,7 +125,7 @@ def build_page(caps: list[Capture]) -> tuple[Page, str]:
     nav = [("overview", "Overview"), *((p["anchor"], p["label"] if several else "Details")
                                        for p in parts), ("metadata", "Run metadata")]
     summaries: Any = [c.summary for c in caps] if several else caps[0].summary
-    text = _environment().get_template("report.html.j2").render(
+    text = template("report.html.j2").render(
         title="pgtrace report: " + ", ".join(c.label for c in caps), css=_stylesheet(),
         caps=parts, several=several, nav=nav, overview=overview,
         summary_json=_json_script("pgtrace-summary", summaries),
