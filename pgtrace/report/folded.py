@@ -87,5 +87,6 @@ def flame_svg(lines: list[str], *, width: int = 1200, title: str = "", unit: str
             cx += child.value / total * width
 
     draw(root, 0.0, 0)
-    return Markup(template("flame.svg.j2").render(
-        width=width, height=height, font=FONT, row=ROW, title=title, unit=unit, frames=frames).strip())
+    svg = template("flame.svg.j2").render(width=width, height=height, font=FONT, row=ROW,
+                                          title=title, unit=unit, frames=frames)
+    return Markup(svg.strip())
