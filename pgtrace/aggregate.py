@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX, REPORT_BUCKETS, SERVER_BUCKETS
+
+if TYPE_CHECKING:
+    from pgtrace.capture import Header
 
 EMPTY_COLUMNS = ("pid", "t_start", "t_end", "server_ns", *REPORT_BUCKETS)
 
@@ -218,9 +221,7 @@ def compare_table(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def capture_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+def capture_summary(df: pd.DataFrame, header: Header) -> dict[str, Any]:
     """The summary of a capture: its rows, with the counters its header kept."""
-    counters = header.get("counters")
     return summary(df, lost=header.get("lost", 0), unmatched=header.get("unmatched", 0),
-                   duration_s=header.get("duration_s", 0.0),
-                   counters=counters if isinstance(counters, dict) else None)
+                   duration_s=header.get("duration_s", 0.0), counters=header.get("counters"))

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pandas as pd
 
 from pgtrace import __version__
 from pgtrace.aggregate import concat, summary
+from pgtrace.capture import ClusterInfo, Header, Lifecycle, Stacks
 from pgtrace.collect.activity import locate_activity, state_running
 from pgtrace.collect.frame import Fingerprints, TrancheNames, records_frame, runq_frame
 from pgtrace.collect.loader import ProgramConfig, check_root
@@ -59,7 +60,7 @@ class RunResult:
     target: Target
     frame: pd.DataFrame
     summary: dict[str, Any]
-    header: dict[str, Any]
+    header: Header
     texts: dict[str, str] = field(default_factory=dict)
     client_runq: pd.DataFrame = field(default_factory=pd.DataFrame)
     ended: str | None = None        # why tracing ended early (the postmaster exited)
@@ -112,26 +113,6 @@ def _signals(stop: _Stop) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _header(target: Target, opts: AttachOptions, t0: float, counters: dict[str, int],
-            texts: dict[str, str]) -> dict[str, Any]:
-    return {
-        "tool": f"pgtrace {__version__}",
-        "cluster": {
-            "data_dir": target.data_dir,
-            "port": target.port,
-            "postmaster_pid": target.postmaster_pid,
-            "binary": target.binary,
-        },
-        "server_version": target.version,
-        "kernel": platform.release(),
-        "host": platform.node(),
-        "started_wall": t0,
-        "pids": opts.pids,
-        "counters": counters,
-        "query_texts": texts if opts.query_text else {},
-    }
 
 
 def _activity_constants(target: Target, settings: dict[str, str]) -> dict[str, int]:
@@ -439,43 +420,54 @@ def run_attach(
     summ = summary(df, lost=counters.get("lost", 0), unmatched=counters.get("unmatched", 0),
                    duration_s=elapsed, counters=counters)
     conversion_s = time.monotonic() - t
-    first = run.segments[0]
-    header = _header(target, opts, started_wall, counters, run.fps.texts)
-    header["settings"] = first.settings
-    header["engine"] = engine_modes(first.session.config)
-    header["timeline"] = sampler.samples
-    header["checkpoints"] = run.checkpoints
-    if opts.stacks:
-        header["stacks"] = {"oncpu": run.oncpu, "offcpu": run.offcpu, "hz": opts.stack_hz}
-    if sampler.error:
-        header["timeline_error"] = sampler.error
-    header["duration_s"] = elapsed
-    header["lost"] = counters.get("lost", 0)
-    header["unmatched"] = counters.get("unmatched", 0)
-    header.update(lifecycle_header([s.record() for s in run.segments], ended, conversion_s))
+    lifecycle = lifecycle_header([s.record() for s in run.segments], ended, conversion_s)
+    header = capture_header(target, opts, run, started_wall, sampler, elapsed, lifecycle)
     client_runq = runq_frame(b"".join(run.client_runq))
     return RunResult(target=target, frame=df, summary=summ, header=header,
                      texts=run.fps.texts, client_runq=client_runq, ended=ended,
                      conversion_s=conversion_s)
 
 
+def capture_header(target: Target, opts: AttachOptions, run: _Run, t0: float,
+                   sampler: Sampler, elapsed: float, lifecycle: Lifecycle) -> Header:
+    """The capture's header: the one place it is built (`pgtrace run` adds its figures)."""
+    first, counters = run.segments[0], run.counters
+    header: Header = {
+        "tool": f"pgtrace {__version__}",
+        "cluster": ClusterInfo(data_dir=target.data_dir, port=target.port,
+                               postmaster_pid=target.postmaster_pid, binary=target.binary),
+        "server_version": target.version, "kernel": platform.release(),
+        "host": platform.node(), "started_wall": t0, "pids": opts.pids, "counters": counters,
+        "query_texts": run.fps.texts if opts.query_text else {},
+        "settings": first.settings, "engine": engine_modes(first.session.config),
+        "timeline": sampler.samples, "checkpoints": run.checkpoints, "duration_s": elapsed,
+        "lost": counters.get("lost", 0), "unmatched": counters.get("unmatched", 0),
+    }
+    if opts.stacks:
+        header["stacks"] = Stacks(oncpu=run.oncpu, offcpu=run.offcpu, hz=opts.stack_hz)
+    if sampler.error:
+        header["timeline_error"] = sampler.error
+    # Header extends Lifecycle, so the union is a Header (mypy cannot merge TypedDicts)
+    return cast(Header, {**header, **lifecycle})
+
+
 def lifecycle_header(segments: list[dict[str, Any]], ended: str | None,
-                     conversion_s: float) -> dict[str, Any]:
+                     conversion_s: float) -> Lifecycle:
     """When tracing started and stopped, each postmaster followed, and why it ended early.
 
     `segments`: one _Segment.record() per postmaster traced, in order.
     """
     first, last = segments[0], segments[-1]
-    out: dict[str, Any] = {
-        "tracing_started_wall": first["start_wall"],
-        "attach_s": first["attach_s"],
-        "stopped_wall": last["end_wall"],
-        "window_ns": [first["start_ns"], last["end_ns"]],
-        "requests_before_window": sum(s["requests_before_window"] for s in segments),
-        "requests_after_window": sum(s["requests_after_window"] for s in segments),
-        "conversion_s": round(conversion_s, 3),
-        "postmasters": segments,
-    }
+    out = Lifecycle(
+        tracing_started_wall=first["start_wall"],
+        attach_s=first["attach_s"],
+        stopped_wall=last["end_wall"],
+        window_ns=[first["start_ns"], last["end_ns"]],
+        requests_before_window=sum(s["requests_before_window"] for s in segments),
+        requests_after_window=sum(s["requests_after_window"] for s in segments),
+        conversion_s=round(conversion_s, 3),
+        postmasters=segments,
+    )
     if ended:
         out["ended"] = ended
     return out

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import pandas as pd
 
@@ -26,7 +27,7 @@ def _reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def write_capture(path: str | Path, df: pd.DataFrame, header: dict[str, Any]) -> None:
+def write_capture(path: str | Path, df: pd.DataFrame, header: Header) -> None:
     """Write requests and header atomically; the file is readable by its owner only."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -43,25 +44,130 @@ def write_capture(path: str | Path, df: pd.DataFrame, header: dict[str, Any]) ->
 
 # ---------------------------------------------------------------- the typed header
 
+
+class ClusterInfo(TypedDict, total=False):
+    """The traced cluster."""
+
+    data_dir: str
+    port: int | None
+    postmaster_pid: int
+    binary: str
+
+
+class Stacks(TypedDict, total=False):
+    """Folded stacks (attach --stacks), one line per stack."""
+
+    oncpu: list[str]
+    offcpu: list[str]
+    hz: int
+
+
+class RunFigures(TypedDict, total=False):
+    """What `pgtrace report` reads of a `pgtrace run` summary (header["run"]).
+
+    The driver's figures (load_summary) and the engine's counters under the names
+    the run summary gives them (server_requests, unmatched_waits); RUN_REQUIRED are
+    in every run capture.
+    """
+
+    requests: int
+    errors: int
+    tps: float
+    unmatched: int
+    client_latency_ns: dict[str, Any]
+    p99_shares: dict[str, float]
+    duration_s: float
+    client_ns: dict[str, float]
+    server_requests: int
+    unmatched_waits: int
+    driver_exit: int
+
+
+class Lifecycle(TypedDict, total=False):
+    """When tracing started and stopped, each postmaster followed, why it ended early."""
+
+    tracing_started_wall: float
+    attach_s: float
+    stopped_wall: float | None
+    window_ns: list[int]
+    requests_before_window: int
+    requests_after_window: int
+    conversion_s: float
+    postmasters: list[dict[str, Any]]  # one per postmaster traced, in order
+    ended: str
+
+
+class Header(Lifecycle, total=False):
+    """A capture's header: what the readers use of it, each field of one JSON type.
+
+    attach.capture_header builds it, run.RunOutcome adds "run" and "cluster_note";
+    read_capture checks it against these annotations (HEADER_TYPES) once, so every
+    reporter takes it as typed.
+    """
+
+    format: int
+    tool: str
+    server_version: str
+    kernel: str
+    host: str
+    cluster_note: str
+    timeline_error: str
+    started_wall: float
+    duration_s: float
+    lost: int
+    unmatched: int
+    cluster: ClusterInfo
+    counters: dict[str, int]
+    query_texts: dict[str, str]
+    settings: dict[str, str]
+    engine: dict[str, str]
+    stacks: Stacks
+    run: RunFigures
+    lab: dict[str, Any]
+    timeline: list[dict[str, Any]]  # sampler rows, each with "t" (CLOCK_MONOTONIC ns)
+    checkpoints: list[dict[str, Any]]  # {"start": ns, "end": ns or null}
+    pids: list[int]
+
+
 _NUM = (int, float)
+_JSON: dict[Any, tuple[type, ...]] = {str: (str,), int: (int,), float: _NUM}
+
+
+def _json_types(annotation: Any) -> tuple[type, ...]:
+    """The JSON type a field annotation stands for: a number, a string, an object, a list
+    (X | None: that or null)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        return (*_json_types(inner), type(None))
+    if annotation in _JSON:
+        return _JSON[annotation]
+    origin = typing.get_origin(annotation)
+    return (list,) if origin is list else (dict,)
+
+
+def _value_types(annotation: Any) -> tuple[type, ...] | None:
+    """What the values of a dict[str, X] field must be (None: anything)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict and args[1] in _JSON:
+        return _JSON[args[1]]
+    return None
+
+
 #: Header fields the readers use, and the JSON type each must have when present.
 HEADER_TYPES: dict[str, tuple[type, ...]] = {
-    "tool": (str,), "server_version": (str,), "kernel": (str,), "host": (str,),
-    "cluster_note": (str,), "timeline_error": (str,),
-    "started_wall": _NUM, "duration_s": _NUM, "lost": (int,), "unmatched": (int,),
-    "cluster": (dict,), "counters": (dict,), "query_texts": (dict,), "settings": (dict,),
-    "engine": (dict,), "stacks": (dict,), "run": (dict,), "lab": (dict,),
-    "timeline": (list,), "checkpoints": (list,), "pids": (list,),
+    k: _json_types(a) for k, a in typing.get_type_hints(Header).items() if k != "format"
 }
 #: What `pgtrace report` reads of a `pgtrace run` summary (header["run"]).
 RUN_TYPES: dict[str, tuple[type, ...]] = {
-    "requests": (int,), "errors": (int,), "tps": _NUM, "unmatched": (int,),
-    "client_latency_ns": (dict,), "p99_shares": (dict,),
+    k: _json_types(a) for k, a in typing.get_type_hints(RunFigures).items()
 }
+#: The run figures every run capture has.
+RUN_REQUIRED = ("requests", "errors", "tps", "unmatched", "client_latency_ns", "p99_shares")
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    return "a number" if types == _NUM else {int: "an integer", str: "a string",
+    return "a number" if types[:2] == _NUM else {int: "an integer", str: "a string",
                                               dict: "an object", list: "a list"}[types[0]]
 
 
@@ -86,29 +192,45 @@ def _map_of(value: dict[str, Any], types: tuple[type, ...]) -> bool:
     return all(isinstance(v, types) and not isinstance(v, bool) for v in value.values())
 
 
+def _bad_maps(fields: dict[str, Any], cls: Any) -> str | None:
+    """The first dict[str, X] field holding a value that is not an X, as a phrase."""
+    for key, annotation in typing.get_type_hints(cls).items():
+        types = _value_types(annotation)
+        if key in fields and types is not None and not _map_of(fields[key], types):
+            return f"{key!r} holds a value that is not {_type_name(types)}"
+    return None
+
+
+def _bad_samples(header: dict[str, Any]) -> str | None:
+    """Timeline samples and checkpoints that are not objects with a time, as a phrase."""
+    for key, when in (("timeline", "t"), ("checkpoints", "start")):
+        for item in header.get(key, []):
+            if not isinstance(item, dict) or _bad_field(item, {when: _NUM}, required=True) or (
+                    key == "checkpoints" and _bad_field(item, {"end": (*_NUM, type(None))})):
+                return f"{key!r} holds {json.dumps(item)[:40]}, not an object with {when!r}"
+    return None
+
+
 def header_problem(header: dict[str, Any]) -> str | None:
     """Why a header (format checked) cannot be read, as a phrase; None when it can."""
-    bad = _bad_field(header, HEADER_TYPES)
+    bad = _bad_field(header, HEADER_TYPES) or _bad_maps(header, Header)
     if bad is not None:
         return bad
     for key in ("lost", "unmatched", "duration_s"):
         if header.get(key, 0) < 0:
             return f"{key!r} is negative"
-    for key, types in (("counters", (int,)), ("query_texts", (str,)), ("settings", (str,))):
-        if key in header and not _map_of(header[key], types):
-            return f"{key!r} holds a value that is not {_type_name(types)}"
     stacks = header.get("stacks", {})
     for kind in ("oncpu", "offcpu"):
         lines = stacks.get(kind, [])
         if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
             return f"'stacks.{kind}' is not a list of strings"
     if "run" in header:
-        bad = _bad_field(header["run"], RUN_TYPES, required=True)
+        run = header["run"]
+        bad = (_bad_field(run, {k: RUN_TYPES[k] for k in RUN_REQUIRED}, required=True)
+               or _bad_field(run, RUN_TYPES) or _bad_maps(run, RunFigures))
         if bad is not None:
             return f"run: {bad}"
-        if not _map_of(header["run"]["p99_shares"], _NUM):
-            return "run: 'p99_shares' holds a value that is not a number"
-    return None
+    return _bad_samples(header)
 
 
 def column_problem(df: pd.DataFrame) -> str | None:
@@ -123,7 +245,7 @@ def column_problem(df: pd.DataFrame) -> str | None:
     return None
 
 
-def read_capture(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+def read_capture(path: str | Path) -> tuple[pd.DataFrame, Header]:
     """Requests and header of a capture; one clear CaptureError if it is not one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -161,4 +283,4 @@ def read_capture(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     problem = header_problem(header) or column_problem(df)
     if problem is not None:
         raise CaptureError(f"{path} is a damaged pgtrace capture ({problem})")
-    return df, header
+    return df, cast(Header, header)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,6 +12,9 @@ from pgtrace.cliargs import INTERVAL, LINES, SAMPLE_INTERVAL, SECONDS
 from pgtrace.cliargs import errors_to_exit as _errors_to_exit
 from pgtrace.driver.options import RUN_RUNNERS, LoadSpec, driver_options
 from pgtrace.errors import OutputError, ServerError
+
+if TYPE_CHECKING:
+    from pgtrace.capture import Header
 
 INTERRUPTED_EXIT = 130
 
@@ -254,7 +257,7 @@ def _check_dsn(dsn: str | None) -> str | None:
 
 
 def _write_outputs(outputs: dict[str, str | None], frame: Any, summary: dict[str, Any],
-                   header: dict[str, Any]) -> None:
+                   header: Header) -> None:
     """Write each output asked for (mode 0600, atomically); one OutputError for failures."""
     import json
 
@@ -271,8 +274,8 @@ def _write_outputs(outputs: dict[str, str | None], frame: Any, summary: dict[str
             elif opt == "--summary-json":
                 write_private(path, json.dumps(summary, indent=2) + "\n")
             else:  # folded stacks, for flamegraph.pl or speedscope
-                kind = "oncpu" if "oncpu" in opt else "offcpu"
-                lines = (header.get("stacks") or {}).get(kind, [])
+                stacks = header.get("stacks", {})
+                lines = stacks.get("oncpu", []) if "oncpu" in opt else stacks.get("offcpu", [])
                 write_private(path, "".join(line + "\n" for line in lines))
                 click.echo(f"wrote {path}", err=True)
         except OutputError as exc:
@@ -362,7 +365,7 @@ def run(spec: LoadSpec, output: str | None, summary_json: str | None, query_text
     from pgtrace.run import RunOptions, run_profile
 
     out = run_profile(RunOptions(load=spec, query_text=query_text))
-    header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note)
+    header = out.header
     click.echo(f"({out.cluster_note})")
     text_report(out.frame, header, sys.stdout)  # as `pgtrace report` prints the capture
     _write_outputs(outputs, out.frame, out.summary, header)

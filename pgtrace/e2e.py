@@ -7,13 +7,16 @@ and ends before the reply is read: containment, checked, never guessed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pgtrace.aggregate import capture_summary, stats
 from pgtrace.model import E2E_BUCKETS, UNEXPLAINED
+
+if TYPE_CHECKING:
+    from pgtrace.capture import Header
 
 
 def join_requests(client: pd.DataFrame, server: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -136,7 +139,7 @@ RUN_KEYS: tuple[str, ...] = ("requests", "errors", "duration_s", "tps", "client_
                              "server_requests", "unmatched_waits", "unmatched", "driver_exit")
 
 
-def run_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+def run_summary(df: pd.DataFrame, header: Header) -> dict[str, Any]:
     """The summary of a `pgtrace run` capture, from its rows and header alone.
 
     `pgtrace run --summary-json` and `pgtrace report --format json` both call this,
@@ -144,7 +147,7 @@ def run_summary(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
     joined requests (the rows), not of every request traced (the sampler's queries,
     the connections' set-up); `server_requests` counts those.
     """
-    run = header.get("run") or {}
+    run: dict[str, Any] = dict(header.get("run", {}))
     out = {k: run[k] for k in RUN_KEYS if k in run}
     out.update({k: v for k, v in capture_summary(df, header).items() if k not in out})
     out.update(e2e_summary(df))

@@ -6,12 +6,13 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import psycopg
 
 from pgtrace.attach import AttachOptions, RunResult, trace_during
+from pgtrace.capture import Header, RunFigures
 from pgtrace.cluster import start_cluster
 from pgtrace.collect.session import TraceSession
 from pgtrace.driver.options import RUN_RUNNERS, LoadSpec
@@ -38,7 +39,17 @@ class RunOutcome:
     trace: RunResult
     summary: dict[str, Any]
     cluster_note: str
+    header: Header  # the capture's: the engine's header with the run's figures
     driver_exit: int = 0
+
+
+def run_header(trace: Header, run: dict[str, Any], note: str | None = None) -> Header:
+    """The engine's header with a run's figures (header["run"]) and where it ran."""
+    header = trace.copy()
+    header["run"] = cast(RunFigures, run)  # read_capture checks the figures it reads
+    if note is not None:
+        header["cluster_note"] = note
+    return header
 
 
 @contextlib.contextmanager
@@ -91,6 +102,6 @@ def run_profile(opts: RunOptions) -> RunOutcome:
     run.update(server_requests=trace.summary["requests"],
                unmatched_waits=trace.summary["unmatched"], unmatched=unmatched,
                driver_exit=code)
-    summary = run_summary(frame, dict(trace.header, run=run))
+    summary = run_summary(frame, run_header(trace.header, run))
     return RunOutcome(frame=frame, trace=trace, summary=summary, cluster_note=note,
-                      driver_exit=code)
+                      header=run_header(trace.header, summary, note), driver_exit=code)

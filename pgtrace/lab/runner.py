@@ -312,9 +312,9 @@ class _Engine:
             return
         os.makedirs(self.opts.out_dir, exist_ok=True)
         path = os.path.join(self.opts.out_dir, f"{self.exp.name}-{v.name}-{runners}.pgtrace")
-        header = dict(out.trace.header, run=out.summary, cluster_note=out.cluster_note,
-                      lab={"experiment": self.exp.name, "variant": v.name, "runners": runners,
-                           "label": v.label, "gucs": v.gucs})
+        header = out.header.copy()
+        header["lab"] = {"experiment": self.exp.name, "variant": v.name, "runners": runners,
+                         "label": v.label, "gucs": v.gucs}
         write_capture(path, out.frame, header)
         self.captures.append(path)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
+
+from markupsafe import Markup
+
+from pgtrace.report.common import template
 
 ROW = 16
 FONT = 11
@@ -48,35 +51,42 @@ def _color(name: str) -> str:
     return f"hsl({10 + h},85%,{60 + h % 15}%)"
 
 
-def flame_svg(lines: list[str], *, width: int = 1200, title: str = "", unit: str = "") -> str:
+@dataclass
+class Frame:
+    """One frame drawn: its box (px), fill, and the label that fits in it ("" if none)."""
+
+    name: str
+    value: int
+    share: float
+    x: float
+    y: int
+    w: float
+    fill: str
+    text: str
+
+
+def flame_svg(lines: list[str], *, width: int = 1200, title: str = "", unit: str = "") -> Markup:
     """An SVG flame graph; hover a frame for its name, value and share."""
     root = parse_folded(lines)
-    depth = _depth(root)
-    height = (depth + 1) * ROW + 24
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="monospace" font-size="{FONT}">',
-           f'<text x="4" y="14" font-size="13">{html.escape(title)}</text>']
+    height = (_depth(root) + 1) * ROW + 24
     total = root.value or 1
+    frames: list[Frame] = []
 
     def draw(node: Node, x: float, level: int) -> None:
         w = node.value / total * width
         if w < 0.5:
             return
-        y = height - (level + 1) * ROW
-        label = html.escape(node.name)
-        tip = f"{label} ({node.value} {unit}, {node.value / total * 100:.2f}%)"
-        out.append(f'<g><title>{tip}</title><rect x="{x:.1f}" y="{y}" width="{w:.1f}" '
-                   f'height="{ROW - 1}" fill="{_color(node.name)}" rx="2"/>')
         chars = int(w / CHAR_W)
-        if chars >= 3:
-            text = node.name if len(node.name) <= chars else node.name[: chars - 2] + ".."
-            out.append(f'<text x="{x + 3:.1f}" y="{y + ROW - 4}">{html.escape(text)}</text>')
-        out.append("</g>")
+        text = "" if chars < 3 else (
+            node.name if len(node.name) <= chars else node.name[: chars - 2] + "..")
+        frames.append(Frame(node.name, node.value, node.value / total * 100, x,
+                            height - (level + 1) * ROW, w, _color(node.name), text))
         cx = x
         for child in sorted(node.children.values(), key=lambda c: c.name):
             draw(child, cx, level + 1)
             cx += child.value / total * width
 
     draw(root, 0.0, 0)
-    out.append("</svg>")
-    return "\n".join(out)
+    svg = template("flame.svg.j2").render(width=width, height=height, font=FONT, row=ROW,
+                                          title=title, unit=unit, frames=frames)
+    return Markup(svg.strip())

@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import pandas as pd
@@ -15,19 +16,19 @@ from rich.console import Console
 from rich.table import Table
 
 from pgtrace.aggregate import capture_summary, compare_table, per_fingerprint, per_second
-from pgtrace.capture import read_capture
+from pgtrace.capture import Header, read_capture
 from pgtrace.e2e import run_summary
 from pgtrace.errors import OutputError, UsageError
 from pgtrace.outputs import MODE
 from pgtrace.report.text import fmt_ns, render_e2e, render_text
 
 
-def _is_run(df: pd.DataFrame, header: dict[str, Any]) -> bool:
+def _is_run(df: pd.DataFrame, header: Header) -> bool:
     """A capture of `pgtrace run`: driver requests joined to their server records."""
     return "latency_ns" in df.columns and "run" in header
 
 
-def json_report(df: pd.DataFrame, header: dict[str, Any]) -> dict[str, Any]:
+def json_report(df: pd.DataFrame, header: Header) -> dict[str, Any]:
     """Summary shape (a run's, for a run capture) plus per-fingerprint and per-second
     sections."""
     out = run_summary(df, header) if _is_run(df, header) else capture_summary(df, header)
@@ -71,30 +72,33 @@ def private_dir(final: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | None = None) -> None:
-    """One capture: its report in `fmt`. Several: side by side (text, html) or a list (json)."""
-    loaded = [(p, *read_capture(p)) for p in paths]
-    if fmt == "html":
-        from pgtrace.report.html import render_html
+#: One capture as read: its path, requests and header.
+Loaded = tuple[str, pd.DataFrame, Header]
 
-        if png_dir is None:
-            render_html(loaded, stream)
-            return
-        with private_dir(png_dir) as tmp:
-            render_html(loaded, stream, png_dir=tmp)
+
+def _html(loaded: list[Loaded], stream: TextIO, png_dir: str | None) -> None:
+    from pgtrace.report.html import render_html
+
+    if png_dir is None:
+        render_html(loaded, stream)
         return
-    if png_dir is not None:
-        raise UsageError("--png goes with --format html")
-    if fmt == "csv":
-        if len(loaded) != 1:
-            raise UsageError("--format csv takes one capture")
-        loaded[0][1].to_csv(stream, index=False)
-        return
-    if fmt == "json":
-        reports = [dict(json_report(df, h), capture=p) for p, df, h in loaded]
-        json.dump(reports[0] if len(reports) == 1 else reports, stream, indent=2)
-        stream.write("\n")
-        return
+    with private_dir(png_dir) as tmp:
+        render_html(loaded, stream, png_dir=tmp)
+
+
+def _csv(loaded: list[Loaded], stream: TextIO, _png_dir: str | None) -> None:
+    if len(loaded) != 1:
+        raise UsageError("--format csv takes one capture")
+    loaded[0][1].to_csv(stream, index=False)
+
+
+def _json(loaded: list[Loaded], stream: TextIO, _png_dir: str | None) -> None:
+    reports = [dict(json_report(df, h), capture=p) for p, df, h in loaded]
+    json.dump(reports[0] if len(reports) == 1 else reports, stream, indent=2)
+    stream.write("\n")
+
+
+def _text(loaded: list[Loaded], stream: TextIO, _png_dir: str | None) -> None:
     if len(loaded) == 1:
         _p, df, header = loaded[0]
         text_report(df, header, stream)
@@ -102,7 +106,35 @@ def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | Non
     render_compare({p: df for p, df, _h in loaded}, stream)
 
 
-def text_report(df: pd.DataFrame, header: dict[str, Any], stream: TextIO) -> None:
+@dataclass(frozen=True)
+class Reporter:
+    """How one --format renders captures; `png`: whether it takes --png."""
+
+    render: Callable[[list[Loaded], TextIO, str | None], None]
+    png: bool = False
+
+
+#: The report formats: one capture, or several side by side (text, html) or a list (json).
+REPORTERS: dict[str, Reporter] = {
+    "text": Reporter(_text),
+    "json": Reporter(_json),
+    "csv": Reporter(_csv),
+    "html": Reporter(_html, png=True),
+}
+
+
+def render_report(paths: list[str], fmt: str, stream: TextIO, png_dir: str | None = None) -> None:
+    """The captures' report in `fmt` (one of REPORTERS)."""
+    reporter = REPORTERS.get(fmt)
+    if reporter is None:
+        raise UsageError(f"no report format {fmt!r} (one of {', '.join(REPORTERS)})")
+    loaded = [(p, *read_capture(p)) for p in paths]
+    if png_dir is not None and not reporter.png:
+        raise UsageError("--png goes with --format html")
+    reporter.render(loaded, stream, png_dir)
+
+
+def text_report(df: pd.DataFrame, header: Header, stream: TextIO) -> None:
     """One capture as text, as `pgtrace run` prints it live: end to end (a run), server."""
     if _is_run(df, header):
         render_e2e(df, run_summary(df, header), stream)

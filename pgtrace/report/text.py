@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgtrace.aggregate import bucket_table, wait_table
+from pgtrace.capture import Header
 from pgtrace.e2e import e2e_table
 from pgtrace.model import LOCK_PREFIX, LWLOCK_PREFIX, RUNQUEUE_PREFIX
 
@@ -55,7 +56,7 @@ def incomplete_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def window_lines(header: dict[str, Any]) -> list[str]:
+def window_lines(header: Header) -> list[str]:
     """From when requests were counted, each postmaster restart followed, an early end."""
     start = header.get("tracing_started_wall")
     if start is None:
@@ -63,7 +64,7 @@ def window_lines(header: dict[str, Any]) -> list[str]:
     clock = time.strftime("%H:%M:%S", time.localtime(start))
     out = [f"requests counted from {clock}, once every probe was attached "
            f"({header.get('attach_s', 0.0):.1f} s after the command started)"]
-    restarts = len(header.get("postmasters") or []) - 1
+    restarts = len(header.get("postmasters", [])) - 1
     if restarts > 0:
         out.append(f"postmaster restarts followed: {restarts}")
     if header.get("ended"):
@@ -72,7 +73,7 @@ def window_lines(header: dict[str, Any]) -> list[str]:
 
 
 def render_text(df: pd.DataFrame, summary: dict[str, Any], stream: TextIO,
-                header: dict[str, Any] | None = None) -> None:
+                header: Header | None = None) -> None:
     """The end-of-run report (with the capture header: also the traced window)."""
     con = Console(file=stream, width=99, force_terminal=False, color_system=None)
     dur = summary.get("duration_s") or 0.0

@@ -13,20 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pgtrace.aggregate import bucket_table, per_second, summary, wait_table
+from pgtrace.aggregate import bucket_table, capture_summary, per_second, summary, wait_table
 from pgtrace.errors import PgtraceError
 from pgtrace.model import E2E_BUCKETS, REPORT_BUCKETS, SERVER_BUCKETS, UNEXPLAINED
-from pgtrace.report import html as report_html
-from pgtrace.report.html import (
-    Capture,
-    build_page,
-    capture_summary,
-    percentiles,
-    render_html,
-    stacked_means_figure,
-    timeline_figure,
-)
+from pgtrace.report import export as report_export
+from pgtrace.report.common import Capture
+from pgtrace.report.figures import percentiles, stacked_means_figure
+from pgtrace.report.html import build_page, render_html
 from pgtrace.report.text import fmt_ns
+from pgtrace.report.timeline import timeline_figure
 
 T0 = 5_000_000_000_000  # CLOCK_MONOTONIC ns of the first request
 SEC = 1_000_000_000
@@ -388,7 +383,7 @@ def test_several_captures_side_by_side() -> None:
     assert "#1 bigint.pgtrace mean/req" in page and "#2 uuidv4.pgtrace share" in page
     assert page.count("window.PlotlyConfig") == 1
     # the bucket bars: one horizontal bar per capture in every bucket trace, on one axis
-    pg = build_page([cap(a), cap(b)])
+    pg, _page = build_page([cap(a), cap(b)])
     _slug, bars = pg.figures[0]
     assert [t.name for t in bars.data] == list(REPORT_BUCKETS)
     assert all(t.orientation == "h" and len(t.x) == len(t.y) == 2 for t in bars.data)
@@ -401,7 +396,7 @@ def test_several_captures_side_by_side() -> None:
 def test_stacked_bars_sum_to_the_mean_server_time(
     attach_capture: tuple[str, pd.DataFrame, dict[str, Any]]
 ) -> None:
-    pg = build_page([cap(attach_capture)])
+    pg, _page = build_page([cap(attach_capture)])
     _slug, bars = pg.figures[0]
     df = attach_capture[1]
     exact = [int(t.customdata[0][0]) for t in bars.data]
@@ -472,7 +467,7 @@ def test_png_failure_in_the_browser_is_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
     attach_capture: tuple[str, pd.DataFrame, dict[str, Any]],
 ) -> None:
-    monkeypatch.setattr(report_html, "_check_png_export", lambda: None)
+    monkeypatch.setattr(report_export, "check_png_export", lambda: None)
 
     def chrome_missing(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("\nKaleido requires Google Chrome to be installed.\n\nEither ...\n")
@@ -509,3 +504,37 @@ def test_capture_round_trip_agrees_with_json_and_text(tmp_path: Any) -> None:
     assert line in text.getvalue()
     plain = re.sub(r"<[^>]+>", "", page)
     assert line in plain
+
+
+# --- templates and the table of reporters -------------------------------------------------
+
+
+def test_every_text_is_escaped_by_the_template() -> None:
+    header = synthetic_header()
+    header["settings"]["application_name"] = "<b>\"q\" & 'x'</b>"
+    header["cluster_note"] = "<script>alert(2)</script>"
+    page = render([("<i>a.pgtrace", synthetic_frame(n=50), header)])
+    assert "&lt;b&gt;&#34;q&#34; &amp; &#39;x&#39;&lt;/b&gt;" in page
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in page
+    assert "<script>alert(2)" not in page and "<i>a.pgtrace" not in page
+    assert "<title>pgtrace report: &lt;i&gt;a.pgtrace</title>" in page
+
+
+def test_stylesheet_is_inlined_unescaped() -> None:
+    page = render([("a.pgtrace", synthetic_frame(n=50), synthetic_header())])
+    style = page[page.index("<style>"):page.index("</style>")]
+    assert "font-family: system-ui, -apple-system, 'Segoe UI', sans-serif" in style
+    assert "td.num { text-align: right;" in style
+
+
+def test_report_formats_are_the_table_of_reporters() -> None:
+    import click
+
+    from pgtrace.cli import cli
+    from pgtrace.report.offline import REPORTERS
+
+    report = cli.commands["report"]
+    fmt = next(p for p in report.params if p.name == "fmt")
+    assert isinstance(fmt.type, click.Choice)
+    assert sorted(fmt.type.choices) == sorted(REPORTERS)
+    assert [f for f, r in REPORTERS.items() if r.png] == ["html"]

@@ -230,6 +230,19 @@ def test_run_output_checked_before_the_cluster(tmp_path: Path) -> None:
         ({"stacks": {"oncpu": [1, 2]}}, "'stacks.oncpu' is not a list of strings"),
         ({"run": {"requests": 1}}, "run: no 'errors'"),
         ({"timeline": {}}, "'timeline' is {}, not a list"),
+        ({"timeline": [{"t": 1}, {"wal_fpi": 3}]},
+         "'timeline' holds {\"wal_fpi\": 3}, not an object with 't'"),
+        ({"checkpoints": [{"start": 5, "end": "later"}]},
+         "'checkpoints' holds {\"start\": 5, \"end\": \"later\"}, not an object with 'start'"),
+        ({"window_ns": "0-9"}, "'window_ns' is \"0-9\", not a list"),
+        ({"stopped_wall": "now"}, "'stopped_wall' is \"now\", not a number"),
+        ({"engine": {"lwlock_waits": 1}}, "'engine' holds a value that is not a string"),
+        ({"run": {"requests": 1, "errors": 0, "tps": 1.0, "unmatched": 0,
+                  "client_latency_ns": {}, "p99_shares": {"cpu": "x"}}},
+         "run: 'p99_shares' holds a value that is not a number"),
+        ({"run": {"requests": 1, "errors": 0, "tps": 1.0, "unmatched": 0,
+                  "client_latency_ns": {}, "p99_shares": {}, "driver_exit": "1"}},
+         "run: 'driver_exit' is \"1\", not an integer"),
     ],
 )
 def test_wrong_header_types(tmp_path: Path, change: dict[str, Any], phrase: str) -> None:
@@ -241,6 +254,26 @@ def test_wrong_header_types(tmp_path: Path, change: dict[str, Any], phrase: str)
     res = invoke("report", str(path))
     assert res.exit_code == 6
     assert phrase in one_line(res)
+
+
+def test_header_checks_come_from_the_typed_header() -> None:
+    """Every field of the Header TypedDict is checked, as the type it is declared."""
+    from typing import get_type_hints
+
+    from pgtrace.capture import HEADER_TYPES, RUN_REQUIRED, RUN_TYPES, Header, RunFigures
+
+    assert set(HEADER_TYPES) == set(get_type_hints(Header)) - {"format"}
+    assert set(RUN_TYPES) == set(get_type_hints(RunFigures)) >= set(RUN_REQUIRED)
+    assert HEADER_TYPES["lost"] == (int,) and HEADER_TYPES["duration_s"] == (int, float)
+    assert HEADER_TYPES["stopped_wall"] == (int, float, type(None))
+
+
+def test_a_run_capture_with_no_stop_time_reads(tmp_path: Path) -> None:
+    path = tmp_path / "ok.pgtrace"
+    write_capture(path, requests_frame(5), {**HEADER, "stopped_wall": None,
+                                            "checkpoints": [{"start": 5, "end": None}]})
+    _df, header = read_capture(path)
+    assert header["stopped_wall"] is None and header["checkpoints"][0]["end"] is None
 
 
 def test_wrong_column_types(tmp_path: Path) -> None:
