@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import psycopg
 
-from pgtrace.attach import AttachOptions, RunResult, trace_during
+from pgtrace.attach import AttachOptions, AttachResult, trace_during
 from pgtrace.cluster import start_cluster
 from pgtrace.collect.session import TraceSession
 from pgtrace.driver.options import RUN_RUNNERS, LoadSpec
@@ -35,7 +35,7 @@ class RunOutcome:
     """The joined requests, the engine's result and the run summary."""
 
     frame: pd.DataFrame
-    trace: RunResult
+    trace: AttachResult
     summary: dict[str, Any]
     cluster_note: str
     driver_exit: int = 0

@@ -6,7 +6,7 @@
 #    by scripts/build-postgres.sh (reused when built before), and the prebuilt servers that
 #    pgtrace must refuse (scripts/install-prebuilt-postgres.sh)
 # 3. ruff check pgtrace tests scripts
-# 4. mypy --strict pgtrace
+# 4. mypy --strict pgtrace; mypy tests (strict too, from pyproject.toml); vulture (dead code)
 # 5. pytest -v against each server of the matrix (root/BPF tests included; under CI=true they
 #    may not be skipped; tests marked pg(...) for other versions are skipped, as they should)
 #
@@ -83,6 +83,8 @@ export PGTRACE_TEST_PGBINS="${bins[*]}"  # every version of the matrix, for test
 
 step "ruff" "$PY" -m ruff check pgtrace tests scripts
 step "mypy" "$PY" -m mypy --strict pgtrace
+step "mypy tests" "$PY" -m mypy tests
+step "dead code" "$PY" -m vulture  # [tool.vulture] in pyproject.toml, whitelist in scripts/
 
 # --- pytest on each version ---------------------------------------------------------------
 LOGS="$(mktemp -d -t pgtrace-test.XXXXXX)"

@@ -13,14 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pgtrace.aggregate import bucket_table, per_second, summary, wait_table
+from pgtrace.aggregate import bucket_table, capture_summary, per_second, summary, wait_table
 from pgtrace.errors import PgtraceError
 from pgtrace.model import E2E_BUCKETS, REPORT_BUCKETS, SERVER_BUCKETS, UNEXPLAINED
 from pgtrace.report import html as report_html
 from pgtrace.report.html import (
     Capture,
     build_page,
-    capture_summary,
     percentiles,
     render_html,
     stacked_means_figure,
