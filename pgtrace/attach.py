@@ -54,7 +54,7 @@ class AttachOptions:
 
 
 @dataclass
-class RunResult:
+class AttachResult:
     """Everything a finished attach produced."""
 
     target: Target
@@ -237,7 +237,7 @@ class _Run:
                 **_activity_constants(target, settings),
                 **_engine_constants(target, settings, self.opts),
             ),
-            sample_hz=self.opts.stack_hz,
+            stack_hz=self.opts.stack_hz,
         )
         session.prepare()  # what can fail before compiling fails here, alone
         pidfd = _pidfd(target.postmaster_pid)
@@ -341,7 +341,7 @@ def run_attach(
     on_ready: Callable[[TraceSession], None] | None = None,
     stop_when: Callable[[], bool] | None = None,
     on_status: Callable[[str], None] | None = None,
-) -> RunResult:
+) -> AttachResult:
     """Trace until duration, count intervals, or a signal; detach always.
 
     The --duration window opens once every program is attached (compiling takes
@@ -423,7 +423,7 @@ def run_attach(
     lifecycle = lifecycle_header([s.record() for s in run.segments], ended, conversion_s)
     header = capture_header(target, opts, run, started_wall, sampler, elapsed, lifecycle)
     client_runq = runq_frame(b"".join(run.client_runq))
-    return RunResult(target=target, frame=df, summary=summ, header=header,
+    return AttachResult(target=target, frame=df, summary=summ, header=header,
                      texts=run.fps.texts, client_runq=client_runq, ended=ended,
                      conversion_s=conversion_s)
 
@@ -478,7 +478,7 @@ T = TypeVar("T")
 
 def trace_during(
     opts: AttachOptions, workload: Callable[[TraceSession], T]
-) -> tuple[RunResult, T]:
+) -> tuple[AttachResult, T]:
     """Run `workload(session)` in a thread once the probes are attached; trace until it ends.
 
     The trace stops when the workload returns (or at opts.duration). A

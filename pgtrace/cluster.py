@@ -28,7 +28,7 @@ from types import TracebackType
 
 import psycopg
 
-from pgtrace.errors import EnvironmentError_, ServerError
+from pgtrace.errors import ServerError, SetupError
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,12 @@ def find_pg_bin(major: int | None = None, pg_bin: str | None = None) -> str:
         else:
             majors = _installed_majors()
             if not majors:
-                raise EnvironmentError_(f"no PostgreSQL server found under {PG_LIB_ROOT}", hint)
+                raise SetupError(f"no PostgreSQL server found under {PG_LIB_ROOT}", hint)
             chosen = f"{PG_LIB_ROOT}/{majors[-1]}/bin"
     bin_dir = os.path.abspath(chosen)
     missing = [t for t in _TOOLS if not os.access(os.path.join(bin_dir, t), os.X_OK)]
     if missing:
-        raise EnvironmentError_(
+        raise SetupError(
             f"{bin_dir} is not a PostgreSQL server bin dir (missing {', '.join(missing)})", hint
         )
     return bin_dir
@@ -86,7 +86,7 @@ def server_major(bin_dir: str) -> int:
     try:
         return binary_version(os.path.join(bin_dir, "postgres"))[1]
     except PgtraceError as exc:
-        raise EnvironmentError_(f"cannot tell the version of {bin_dir}/postgres: "
+        raise SetupError(f"cannot tell the version of {bin_dir}/postgres: "
                                 f"{exc.message}") from None
 
 
@@ -214,7 +214,7 @@ def start_cluster(
         if owner is not None:
             os.chown(base, owner.pw_uid, owner.pw_gid)
         if len(base) + len("/.s.PGSQL.65535") > _MAX_SOCKET_PATH:
-            raise EnvironmentError_(
+            raise SetupError(
                 f"{base} is too long for a Unix socket path",
                 "pass a shorter base_dir or set TMPDIR to a short path",
             )
@@ -284,7 +284,7 @@ def _server_owner() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SERVER_USER)
     except KeyError:
-        raise EnvironmentError_(
+        raise SetupError(
             f"running as root but there is no '{SERVER_USER}' OS user to run the server",
             "install the postgresql package (scripts/setup.sh) or run as a non-root user",
         ) from None
@@ -302,7 +302,7 @@ def _check_traversable(path: str, owner: pwd.struct_passwd) -> None:
         else:
             ok = bool(st.st_mode & stat.S_IXOTH)
         if not ok:
-            raise EnvironmentError_(
+            raise SetupError(
                 f"the '{owner.pw_name}' user cannot enter {d} (mode {stat.S_IMODE(st.st_mode):o})",
                 f"choose a base dir whose parents are world-searchable, not under {d}",
             )

@@ -50,25 +50,21 @@ class NoProbesError(PgtraceError):
     exit_code = 4
 
 
-class EnvironmentError_(PgtraceError):
-    """The machine lacks something tracing needs (headers, tracefs, bcc)."""
+class SetupError(PgtraceError):
+    """The machine lacks something pgtrace needs (headers, tracefs, bcc, a server, kaleido)."""
 
     exit_code = 5
 
 
-class BccMissingError(EnvironmentError_):
+class BccMissingError(SetupError):
     """bcc's Python module cannot be imported."""
 
 
-class KernelHeadersError(EnvironmentError_):
+class KernelHeadersError(SetupError):
     """bcc cannot find kernel headers to compile against."""
 
 
-class TracefsError(EnvironmentError_):
-    """tracefs is not mounted."""
-
-
-class AbiMismatchError(EnvironmentError_):
+class AbiMismatchError(SetupError):
     """The compiled BPF records differ from pgtrace's Python mirror of them."""
 
 

@@ -14,7 +14,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from pgtrace.errors import EnvironmentError_, KernelHeadersError, NotRootError, PgtraceError
+from pgtrace.errors import KernelHeadersError, NotRootError, PgtraceError, SetupError
 
 MIN_KERNEL = (5, 8)  # BPF ring buffers
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -222,9 +222,9 @@ def check_headers(modules_dir: str, release: str | None = None) -> Check:
 
 #: The error (and so the exit code) `attach` stops with when a check fails.
 ERRORS: dict[str, type[PgtraceError]] = {
-    "privileges": NotRootError, "kernel": EnvironmentError_, "btf": EnvironmentError_,
-    "tracefs": EnvironmentError_, "uprobes": EnvironmentError_,
-    "tracepoints": EnvironmentError_, "headers": KernelHeadersError,
+    "privileges": NotRootError, "kernel": SetupError, "btf": SetupError,
+    "tracefs": SetupError, "uprobes": SetupError,
+    "tracepoints": SetupError, "headers": KernelHeadersError,
 }
 
 

@@ -11,7 +11,7 @@ from typing import Any, cast
 import pandas as pd
 import psycopg
 
-from pgtrace.attach import AttachOptions, RunResult, trace_during
+from pgtrace.attach import AttachOptions, AttachResult, trace_during
 from pgtrace.capture import Header, RunFigures
 from pgtrace.cluster import start_cluster
 from pgtrace.collect.session import TraceSession
@@ -36,7 +36,7 @@ class RunOutcome:
     """The joined requests, the engine's result and the run summary."""
 
     frame: pd.DataFrame
-    trace: RunResult
+    trace: AttachResult
     summary: dict[str, Any]
     cluster_note: str
     header: Header  # the capture's: the engine's header with the run's figures

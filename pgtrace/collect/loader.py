@@ -31,25 +31,23 @@ from pgtrace.elf.symbols import symbol_offset
 from pgtrace.elf.usdt import ProbeSite, probes_by_name, read_probes
 from pgtrace.errors import (
     BccMissingError,
-    EnvironmentError_,
     KernelHeadersError,
     NoProbesError,
+    SetupError,
 )
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 SOURCES = ("request.bpf.c", "sched.bpf.c", "waits.bpf.c", "syscalls.bpf.c", "stacks.bpf.c")
 
 #: System call numbers by machine (NR_* in syscalls.bpf.c), and the pt_regs
-#: field that holds the call's number at its exit.
+#: field that holds the call's number at its exit. Only x86_64: target.py refuses
+#: every other machine before anything is compiled.
 SYSCALLS: dict[str, dict[str, int]] = {
     "x86_64": {"RECVFROM": 45, "SENDTO": 44, "OPENAT": 257, "CLOSE": 3, "FSYNC": 74,
                "FDATASYNC": 75, "PWRITE64": 18, "PWRITEV": 296, "FALLOCATE": 285,
                "EXIT_GROUP": 231},
-    "aarch64": {"RECVFROM": 207, "SENDTO": 206, "OPENAT": 56, "CLOSE": 57, "FSYNC": 82,
-                "FDATASYNC": 83, "PWRITE64": 68, "PWRITEV": 70, "FALLOCATE": 47,
-                "EXIT_GROUP": 94},
 }
-SYSCALL_NR_FIELD = {"x86_64": "orig_ax", "aarch64": "syscallno"}
+SYSCALL_NR_FIELD = {"x86_64": "orig_ax"}
 
 #: USDT probe -> BPF function, and the argument (0-based) the function reads.
 USDT_PROBES: dict[str, tuple[str, int | None]] = {
@@ -122,7 +120,7 @@ def check_tracefs() -> None:
     if not Path("/sys/kernel/tracing/events").is_dir() and not Path(
         "/sys/kernel/debug/tracing/events"
     ).is_dir():
-        raise EnvironmentError_(
+        raise SetupError(
             "tracefs is not mounted", "mount -t tracefs nodev /sys/kernel/tracing"
         )
 
@@ -190,8 +188,8 @@ def syscall_flags(machine: str | None = None) -> list[str]:
     """-D flags naming this machine's system call numbers."""
     machine = machine or os.uname().machine
     if machine not in SYSCALLS:
-        raise EnvironmentError_(f"pgtrace does not know the system calls of {machine}",
-                                "run it on x86_64 or aarch64")
+        raise SetupError(f"pgtrace does not know the system calls of {machine}",
+                                "run it on x86_64")
     return [f"-DNR_{name}={nr}" for name, nr in SYSCALLS[machine].items()] + [
         f"-DSYSCALL_NR_FIELD={SYSCALL_NR_FIELD[machine]}"]
 
@@ -201,7 +199,7 @@ def task_pid_flag(btf_path: str = VMLINUX_BTF) -> str:
     try:
         return f"-DTASK_PID_OFF={member_offset('task_struct', 'pid', btf_path)}"
     except BtfError as exc:
-        raise EnvironmentError_(
+        raise SetupError(
             f"cannot find task_struct.pid in the kernel's BTF ({exc})",
             "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian's are)",
         ) from exc
@@ -274,7 +272,7 @@ def attach_uprobe(
     fd = lib.bpf_attach_uprobe(fn_fd, kind, name, binary.encode(), offset, -1, ref_ctr)
     if fd < 0:
         err = ct.get_errno()
-        raise EnvironmentError_(
+        raise SetupError(
             f"cannot attach a uprobe at {binary}+{offset:#x}: {os.strerror(err)}",
             "check `pgtrace doctor`",
         )
@@ -314,7 +312,7 @@ def compile_program(config: ProgramConfig) -> Any:
     try:
         bpf = bcc.BPF(text=program_text(), cflags=config.cflags())
     except Exception as exc:
-        raise EnvironmentError_(f"bcc could not load pgtrace's BPF programs: {exc}") from exc
+        raise SetupError(f"bcc could not load pgtrace's BPF programs: {exc}") from exc
     try:
         check_layout(bpf, config.query_len, stacks=config.stacks,
                      io_map=bool(config.wait_event_addr))

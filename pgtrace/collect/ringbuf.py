@@ -32,7 +32,6 @@ class RingReader:
         self._prod = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ,
                                offset=page)
         self._page = page
-        self._hdr = np.dtype([("len", "<u4"), ("pg_off", "<u4")])
 
     def read(self) -> bytes:
         """Every committed record since the last read, concatenated (records only)."""

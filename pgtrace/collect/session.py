@@ -75,7 +75,7 @@ class TraceSession:
     config: ProgramConfig = field(default_factory=ProgramConfig)
     chunks: list[bytes] = field(default_factory=list)
     client_chunks: list[bytes] = field(default_factory=list)
-    sample_hz: int = 99
+    stack_hz: int = 99
     _att: Attachment | None = None
     _ring: RingReader | None = None
     _client_ring: RingReader | None = None
@@ -133,7 +133,7 @@ class TraceSession:
                 bcc = import_bcc()
                 bpf.attach_perf_event(ev_type=bcc.PerfType.SOFTWARE,
                                       ev_config=bcc.PerfSWConfig.CPU_CLOCK,
-                                      fn_name="on_cpu_sample", sample_freq=self.sample_hz)
+                                      fn_name="on_cpu_sample", sample_freq=self.stack_hz)
             self._open_window()
         except BaseException:
             self.close()

@@ -88,7 +88,7 @@ def run(name: str, quick: bool, dsn: str | None, json_path: str | None,
     Prints a markdown table (tps, index sizes, WAL and FPI per row, the largest
     server buckets, ...) and whether each hypothesis holds on this run.
     """
-    from pgtrace.lab.runner import LabOptions, LabResult, check_lab, run_lab
+    from pgtrace.lab.engine import LabOptions, LabResult, check_lab, run_lab
 
     scale = "smoke" if smoke else "quick" if quick else "full"
     opts = LabOptions(name=name, scale=scale, dsn=dsn, out_dir=output_dir, duration=duration)

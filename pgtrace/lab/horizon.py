@@ -18,9 +18,7 @@ class HorizonHolder:
                 dsn, autocommit=False, application_name="pgtrace lab horizon")
         except psycopg.Error as exc:
             raise ServerError(f"cannot connect to PostgreSQL: {exc}".splitlines()[0]) from None
-        row = self._conn.execute("select txid_current(), pg_backend_pid()").fetchone()
-        assert row is not None
-        self.xid, self.pid = int(row[0]), int(row[1])
+        self._conn.execute("select txid_current()")  # an xid: the horizon is held from here
 
     def release(self) -> None:
         """Roll the transaction back and close the session; safe to call twice."""

@@ -15,7 +15,6 @@ from typing import Any
 
 from pgtrace.errors import UsageError
 
-SCALES = ("full", "quick", "smoke")
 MEASURES = ("index", "buffers", "catalog", "vacuum", "trend")
 
 

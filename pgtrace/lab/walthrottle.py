@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pgtrace.cluster import SERVER_USER, TempCluster
-from pgtrace.errors import EnvironmentError_
+from pgtrace.errors import SetupError
 from pgtrace.proc import children
 
 BLKIO = Path("/sys/fs/cgroup/blkio")
@@ -29,20 +29,20 @@ LIMIT_FILES = {"write_iops": "blkio.throttle.write_iops_device",
 def _run(cmd: list[str]) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise EnvironmentError_(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.stdout}")
+        raise SetupError(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.stdout}")
     return res.stdout.strip()
 
 
 def check_blkio() -> None:
-    """EnvironmentError_ unless the cgroup v1 blkio controller with throttling is mounted."""
+    """SetupError unless the cgroup v1 blkio controller with throttling is mounted."""
     if not (BLKIO / "blkio.throttle.write_iops_device").exists():
-        raise EnvironmentError_(
+        raise SetupError(
             f"no blkio throttling at {BLKIO} (cgroup v1 blkio controller)",
             "mount it: mkdir -p /sys/fs/cgroup/blkio && "
             "mount -t cgroup -o blkio none /sys/fs/cgroup/blkio")
     for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
         if shutil.which(tool) is None:
-            raise EnvironmentError_(f"{tool} is not installed (util-linux, e2fsprogs)")
+            raise SetupError(f"{tool} is not installed (util-linux, e2fsprogs)")
 
 
 def cluster_pids(postmaster_pid: int) -> list[int]:
@@ -70,7 +70,7 @@ def throttled_wal(cluster: TempCluster, limits: dict[str, int]) -> Iterator[tupl
     check_blkio()
     unknown = set(limits) - set(LIMIT_FILES)
     if unknown:
-        raise EnvironmentError_(f"unknown wal_device limits {sorted(unknown)}")
+        raise SetupError(f"unknown wal_device limits {sorted(unknown)}")
     base = Path(cluster.base_dir or os.path.dirname(cluster.data_dir))
     image, mnt = base / "wal.img", base / "walmnt"
     cgroup = BLKIO / f"pgtrace-lab-{os.getpid()}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import plotly.io as pio  # type: ignore[import-untyped]
 
-from pgtrace.errors import EnvironmentError_, PgtraceError
+from pgtrace.errors import PgtraceError, SetupError
 from pgtrace.report.figures import Figure
 
 PNG_WIDTH = 1200
@@ -24,14 +24,14 @@ def check_png_export() -> None:
     try:
         version = metadata.version("kaleido")
     except metadata.PackageNotFoundError:
-        raise EnvironmentError_("PNG export needs the kaleido package", hint) from None
+        raise SetupError("PNG export needs the kaleido package", hint) from None
     major = version.split(".", 1)[0]
     if not major.isdigit() or int(major) < 1:
-        raise EnvironmentError_(f"PNG export needs kaleido >= 1, found {version}", hint)
+        raise SetupError(f"PNG export needs kaleido >= 1, found {version}", hint)
     try:
         import kaleido  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as exc:
-        raise EnvironmentError_(f"PNG export: kaleido cannot be imported ({_one_line(exc)})",
+        raise SetupError(f"PNG export: kaleido cannot be imported ({_one_line(exc)})",
                                 hint) from None
 
 
@@ -57,11 +57,11 @@ def export_png(figures: list[tuple[str, Figure]], png_dir: str) -> list[Path]:
         reason = _one_line(exc)
         if "chrome" in reason.lower() and ("not found" in reason.lower()
                                            or "requires google chrome" in reason.lower()):
-            raise EnvironmentError_(
+            raise SetupError(
                 "PNG export needs Chrome or Chromium and kaleido found none",
                 "apt-get install chromium",
             ) from None
-        raise EnvironmentError_(f"PNG export failed: {reason}",
+        raise SetupError(f"PNG export failed: {reason}",
                                 "kaleido draws with Chromium: apt-get install chromium") from None
     return paths
 

@@ -148,7 +148,7 @@ def in_window(run: TotalsRun, pid: int) -> tuple[pd.DataFrame, pd.Series]:
 
 def runqueue_all(df: pd.DataFrame) -> pd.Series:
     """Run-queue time in every context (runqueue:<ctx> columns add up to `runqueue`)."""
-    total = sum(df[RUNQUEUE_PREFIX + ctx] for ctx in CONTEXTS)
+    total = df[[RUNQUEUE_PREFIX + ctx for ctx in CONTEXTS]].sum(axis=1)
     assert (total == df["runqueue"]).all()
     return df["runqueue"]
 

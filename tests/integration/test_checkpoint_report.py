@@ -48,9 +48,9 @@ def test_checkpoint_fpi_burst_in_timeline_and_html(tmp_path: Path) -> None:
     after = fpi_between(start, start + 6 * SEC)
     assert after > 0 and after > 3 * before, (before, after)
 
-    page = io.StringIO()
-    render_html([("run.pgtrace", out.trace.frame, header)], page)
-    html = page.getvalue()
+    buf = io.StringIO()
+    render_html([("run.pgtrace", out.trace.frame, header)], buf)
+    html = buf.getvalue()
     embedded = re.search(r'<script type="application/json" id="pgtrace-summary">(.*?)</script>',
                          html, re.S)
     assert embedded is not None

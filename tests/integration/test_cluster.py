@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from pgtrace.cluster import TempCluster, find_pg_bin, start_cluster
-from pgtrace.errors import EnvironmentError_, ServerError
+from pgtrace.errors import ServerError, SetupError
 
 pytestmark = pytest.mark.root
 
@@ -145,7 +145,7 @@ def test_start_failure_reports_server_log(pg_bin: str | None) -> None:
 def test_unreachable_base_dir_is_a_clear_error(pg_bin: str | None) -> None:
     parent = tempfile.mkdtemp(prefix="pgtrace-test-")  # mode 0700, owned by root
     try:
-        with pytest.raises(EnvironmentError_, match="cannot enter"):
+        with pytest.raises(SetupError, match="cannot enter"):
             start_cluster(bin_dir=pg_bin, base_dir=os.path.join(parent, "sub"))
     finally:
         for d in (os.path.join(parent, "sub"), parent):
@@ -155,7 +155,7 @@ def test_unreachable_base_dir_is_a_clear_error(pg_bin: str | None) -> None:
 
 @pytest.mark.parametrize("bad", ["/nonexistent/bin", "/usr/bin"])
 def test_find_pg_bin_rejects_non_server_dirs(bad: str) -> None:
-    with pytest.raises(EnvironmentError_, match="not a PostgreSQL server bin dir"):
+    with pytest.raises(SetupError, match="not a PostgreSQL server bin dir"):
         find_pg_bin(pg_bin=bad)
 
 
@@ -166,5 +166,5 @@ def test_find_pg_bin_default_and_env(monkeypatch: pytest.MonkeyPatch, pg_bin: st
     monkeypatch.setenv("PGTRACE_PGBIN", default)
     assert find_pg_bin() == default
     monkeypatch.setenv("PGTRACE_PGBIN", "/nonexistent/bin")
-    with pytest.raises(EnvironmentError_):
+    with pytest.raises(SetupError):
         find_pg_bin()

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -34,6 +35,7 @@ from psycopg import pq
 
 from pgtrace import attach
 from pgtrace.cluster import TempCluster, start_cluster
+from pgtrace.collect.frame import records_frame
 from pgtrace.collect.session import TraceSession
 from tests.integration.workload import (
     Pgbench,
@@ -255,7 +257,7 @@ def bench(quiet_cluster: TempCluster) -> BenchRun:
     # a small spool: the records are turned into frames in many batches while tracing,
     # as on a long run, and every test below checks the batches add up
     conversions = 0
-    convert = attach.records_frame
+    convert = records_frame
 
     def counted(*args: Any, **kw: Any) -> pd.DataFrame:
         nonlocal conversions
@@ -518,6 +520,10 @@ PGBENCH_N = 100
 Window = tuple[int, int]
 
 
+def _fetch_all(conn: Conn, sql: str) -> list[Any]:
+    return conn.execute(sql).fetchall()
+
+
 def timed(fn: Callable[[], Any]) -> Window:
     t0 = time.monotonic_ns()
     fn()
@@ -588,13 +594,13 @@ def psycopg_scenarios(dsn: str) -> dict[str, Any]:
     # parameterized statements (extended protocol), never prepared
     with connect(dsn, prepare_threshold=None) as k:
         with ProtocolTrace(k) as tr:
-            calls = [timed(lambda i=i: k.execute(sql, (i,))) for i in range(PSYCOPG_N)]
+            calls = [timed(partial(k.execute, sql, (i,))) for i in range(PSYCOPG_N)]
         out["params"] = record(k, tr, calls)
 
     # prepared statement: the first call prepares it (Parse+Sync), then executes it
     with connect(dsn) as k:
         with ProtocolTrace(k) as tr:
-            calls = [timed(lambda i=i: k.execute(sql, (i,), prepare=True))
+            calls = [timed(partial(k.execute, sql, (i,), prepare=True))
                      for i in range(PSYCOPG_N)]
         out["prepared"] = record(k, tr, calls)
 
@@ -673,7 +679,7 @@ def scenarios(pg_cluster: Any) -> ScenarioRun:
                             "window": timed(lambda: conn.execute(f"select pg_sleep({SLEEP_S})"))}
         with connect(dsn) as conn:
             out["fingerprints"] = {"pid": conn.info.backend_pid,
-                                   "calls": [timed(lambda s=s: conn.execute(s).fetchall())
+                                   "calls": [timed(partial(_fetch_all, conn, s))
                                              for _, s in FINGERPRINT_SQL]}
         out["psycopg"] = psycopg_scenarios(dsn)
         for mode in ("simple", "extended", "prepared"):
@@ -788,7 +794,8 @@ def test_requests_delimited_pgbench(scenarios: ScenarioRun, mode: str) -> None:
     sc = scenarios[f"pgbench-{mode}"]
     b: Pgbench = sc["bench"]
     assert b.processed == PGBENCH_N, b.output
-    pids = window_pids(scenarios.frame, *sc["window"], exclude=set())
+    t0, t1 = sc["window"]
+    pids = window_pids(scenarios.frame, t0, t1, exclude=set())
     assert len(pids) == 1, f"-M {mode}: requests from backends {pids}, expected pgbench's one"
     df = pid_rows(scenarios.frame, pids)
     expected = PGBENCH_N + (1 if mode == "prepared" else 0)

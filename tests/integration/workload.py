@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import psycopg
 from psycopg import pq
 
-from pgtrace.attach import AttachOptions, RunResult, run_attach
+from pgtrace.attach import AttachOptions, AttachResult, run_attach
 from pgtrace.collect.session import TraceSession
 
 T = TypeVar("T")
@@ -62,7 +62,7 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 class Traced(Generic[T]):
     """The trace of one workload run, and what the workload returned."""
 
-    run: RunResult
+    run: AttachResult
     value: T
 
 

@@ -26,7 +26,7 @@ def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
     return pytester
 
 
-def _run(inner: pytest.Pytester, pytestconfig: pytest.Config) -> pytest.RunResult:
+def _run(inner: pytest.Pytester, pytestconfig: pytest.Config) -> pytest.AttachResult:
     pg_bin = pytestconfig.getoption("--pg-bin")
     args = [f"--pg-bin={pg_bin}"] if pg_bin else []  # one token: see scripts/test.sh
     return inner.runpytest_inprocess(*args, "-p", "no:cacheprovider")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ def frame(n: int = 1000, seed: int = 1) -> pd.DataFrame:
     return pd.DataFrame(cols).astype("int64")
 
 
-def render(df: pd.DataFrame, duration_s: float = 10.0, **kw: int) -> str:
+def render(df: pd.DataFrame, duration_s: float = 10.0, **kw: Any) -> str:
     out = io.StringIO()
     render_text(df, summary(df, duration_s=duration_s, **kw), out)
     return out.getvalue()
@@ -94,8 +95,8 @@ def test_bucket_table_rows_and_shares(text: str) -> None:
     expect = bucket_table(df).set_index("bucket")
     for b in REPORT_BUCKETS:
         total, share = rows[b][0], rows[b][1]
-        assert total == fmt_ns(expect.loc[b, "total_ns"])
-        assert share == f"{expect.loc[b, 'share'] * 100:.1f}%"
+        assert total == fmt_ns(int(expect["total_ns"].loc[b]))
+        assert share == f"{float(expect['share'].loc[b]) * 100:.1f}%"
     shares = [float(rows[b][1].rstrip("%")) for b in REPORT_BUCKETS]
     assert sum(shares) == pytest.approx(100.0, abs=0.5)
 
@@ -166,10 +167,10 @@ def test_aborted_and_partial_requests_have_their_lines() -> None:
     out = io.StringIO()
     render_text(df, summary(df, duration_s=1.0, counters={"partial": 2}), out)
     lines = out.getvalue().splitlines()
-    ab = fmt_ns(int(df.loc[3, "server_ns"]))
+    ab = fmt_ns(int(df["server_ns"].loc[3]))
     pa = fmt_ns(int(df.loc[[5, 6], "server_ns"].sum()))
     assert lines[3] == f"aborted requests: 1 ({ab} so far)"
-    assert lines[4] == f"  aborted: pid {df.loc[3, 'pid']}, {ab} so far, select pg_sleep($1)"
+    assert lines[4] == f"  aborted: pid {int(df['pid'].loc[3])}, {ab} so far, select pg_sleep($1)"
     assert lines[5] == f"partial requests (begun before attach): 2 ({pa} since attach)"
     # counted by the kernel, not recorded: said on the same line
     more = io.StringIO()
