@@ -6,7 +6,7 @@
 #    by scripts/build-postgres.sh (reused when built before), and the prebuilt servers that
 #    pgtrace must refuse (scripts/install-prebuilt-postgres.sh)
 # 3. ruff check pgtrace tests scripts
-# 4. mypy --strict pgtrace; mypy tests (strict too, from pyproject.toml); vulture (dead code)
+# 4. mypy --strict pgtrace
 # 5. pytest -v against each server of the matrix (root/BPF tests included; under CI=true they
 #    may not be skipped; tests marked pg(...) for other versions are skipped, as they should)
 #
